@@ -1,0 +1,393 @@
+"""TrainingClient: a local torch model behind the Tinker / Fireworks training API.
+
+Every method returns a :class:`TrainFuture` (awaitable, and ``.result(timeout)``). Work runs on
+ONE worker thread, so calls execute in submission order and an asyncio program calling the
+client stays responsive.
+
+Invariants:
+- ``forward_backward_custom`` runs exactly one forward and one backward: the loss function
+  receives the live logprob tensors (``requires_grad=True``) of that single forward.
+- Gradients accumulate across ``forward_backward_custom`` calls until ``optim_step``, which
+  applies them (AdamW, optional grad-norm clipping) and zeroes them.
+- ``save_state`` writes weights, optimizer, step and RNG state (DCP); restoring it and
+  repeating the same calls reproduces the same losses bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import math
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from asyncrl.errors import ClosedResourceError, ConfigError, DataError
+from asyncrl.logging import get_logger
+from asyncrl.trainer import state as train_state
+from asyncrl.trainer.futures import TrainFuture
+from asyncrl.trainer.types import AdamParams, Datum
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+LossFn = Callable[[list[Datum], list["torch.Tensor"]], tuple["torch.Tensor", dict[str, float]]]
+log = get_logger("asyncrl.trainer")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ForwardBackwardOutput:
+    """Result of ``forward_backward_custom``: the loss value, the loss metrics, and logprobs."""
+
+    loss: float
+    metrics: dict[str, float]
+    logprobs: list[torch.Tensor] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class OptimStepResult:
+    step: int
+    metrics: dict[str, float]
+
+
+class _Worker:
+    """One thread that runs submitted calls in order, shared by a client and its references."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncrl-train")
+        self._lock = threading.Lock()
+        self._futures: weakref.WeakSet[TrainFuture[Any]] = weakref.WeakSet()
+        self.closed = False
+
+    def submit(self, op: str, fn: Callable[[], T]) -> TrainFuture[T]:
+        with self._lock:
+            if self.closed:
+                raise ClosedResourceError(f"cannot call {op}: the training client is closed")
+            fut = TrainFuture(self._pool.submit(fn), op)
+            self._futures.add(fut)
+        return fut
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        self._pool.shutdown(wait=True)
+        for fut in list(self._futures):
+            fut.report_if_unread("client_closed")
+
+
+def _resolve_dtype(dtype: str | Any) -> Any:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise ConfigError naming what is missing from an HF model directory."""
+    if not model_dir.is_dir():
+        raise ConfigError(f"model directory {model_dir} does not exist")
+    missing = [f for f in ("config.json",) if not (model_dir / f).exists()]
+    if not any(model_dir.glob("*.safetensors")):
+        missing.append("model.safetensors")
+    if missing:
+        raise ConfigError(f"model directory {model_dir} is missing {', '.join(missing)}")
+
+
+def batch_logprobs(model: Any, datums: Sequence[Datum], pad_id: int) -> list[torch.Tensor]:
+    """Target-token logprobs of each datum from ONE padded forward pass."""
+    import torch
+    import torch.nn.functional as F
+
+    if not datums:
+        raise DataError("expected at least one datum, got an empty list")
+    lengths = [d.model_input.length for d in datums]
+    if min(lengths) < 1:
+        raise DataError(f"datum {lengths.index(min(lengths))} has an empty model_input")
+    B, T = len(datums), max(lengths)
+    input_ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    targets_BT = torch.zeros((B, T), dtype=torch.long)
+    mask_BT = torch.zeros((B, T), dtype=torch.long)
+    for i, d in enumerate(datums):
+        n = lengths[i]
+        input_ids_BT[i, :n] = torch.tensor(d.model_input.tokens, dtype=torch.long)
+        targets_BT[i, :n] = d.tensor("target_tokens", torch.long)
+        mask_BT[i, :n] = 1
+    vocab = model.config.vocab_size
+    if int(targets_BT.max()) >= vocab or int(input_ids_BT.max()) >= vocab:
+        raise DataError(f"token id out of range for vocab_size={vocab}")
+    logits_BTV = model(input_ids=input_ids_BT, attention_mask=mask_BT).logits
+    logprobs_BT = -F.cross_entropy(
+        logits_BTV.float().reshape(B * T, -1), targets_BT.reshape(-1), reduction="none"
+    ).reshape(B, T)
+    return [logprobs_BT[i, : lengths[i]] for i in range(B)]
+
+
+class _ModelHolder:
+    """State shared by the compute functions: the model and its tokenizer's pad id."""
+
+    def __init__(self, model: Any, pad_id: int) -> None:
+        self.model = model
+        self.pad_id = pad_id
+
+    def forward(self, datums: Sequence[Datum]) -> list[torch.Tensor]:
+        import torch
+
+        with torch.no_grad():
+            return [lp.detach() for lp in batch_logprobs(self.model, datums, self.pad_id)]
+
+
+class ReferenceClient:
+    """A frozen copy of the policy for reference logprobs: ``forward`` only."""
+
+    def __init__(self, holder: _ModelHolder, worker: _Worker) -> None:
+        self._holder = holder
+        self._worker = worker
+
+    def forward(self, datums: Sequence[Datum]) -> TrainFuture[list[torch.Tensor]]:
+        data = list(datums)
+        return self._worker.submit("reference.forward", lambda: self._holder.forward(data))
+
+
+class TrainingClient:
+    """A local torch policy with forward / forward_backward_custom / optim_step / checkpoints."""
+
+    def __init__(
+        self, model: Any, *, model_dir: Path, checkpoint_dir: Path, pad_id: int, seed: int
+    ) -> None:
+        import torch
+
+        self._holder = _ModelHolder(model, pad_id)
+        self._worker = _Worker()
+        self.model_dir = model_dir
+        self.checkpoint_dir = checkpoint_dir
+        self.seed = seed
+        self._step = 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-8)
+
+    # ----------------------------------------------------------------------------- creation
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        seed: int = 0,
+        dtype: str | Any = "float32",
+        checkpoint_dir: str | Path | None = None,
+    ) -> TrainingClient:
+        """Load an HF-format model directory for training (float32 by default on CPU)."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(model_dir)
+        check_model_dir(path)
+        torch_dtype = _resolve_dtype(dtype)
+        torch.manual_seed(seed)
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model.eval()  # no dropout: training is deterministic; gradients still flow
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else Path("checkpoints")
+        log.info("trainer_loaded", model_dir=str(path), dtype=str(torch_dtype), seed=seed)
+        return cls(model, model_dir=path, checkpoint_dir=ckpt, pad_id=int(pad), seed=seed)
+
+    @property
+    def model(self) -> Any:
+        """The underlying torch module (read it only between calls)."""
+        return self._holder.model
+
+    @property
+    def step(self) -> int:
+        """Number of optimizer steps applied so far."""
+        return self._step
+
+    @property
+    def states_root(self) -> Path:
+        return self.checkpoint_dir / "states"
+
+    def create_reference(self) -> ReferenceClient:
+        """A frozen copy of the current weights (``forward`` only), e.g. for ref logprobs."""
+        self._check_open("create_reference")
+        frozen = copy.deepcopy(self._holder.model)
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        return ReferenceClient(_ModelHolder(frozen, self._holder.pad_id), self._worker)
+
+    # ------------------------------------------------------------------------------ compute
+    def forward(self, datums: Sequence[Datum]) -> TrainFuture[list[torch.Tensor]]:
+        """Per-datum target-token logprobs under the current weights (no grad)."""
+        data = list(datums)
+        return self._worker.submit("forward", lambda: self._holder.forward(data))
+
+    def forward_backward_custom(
+        self, datums: Sequence[Datum], loss_fn: LossFn
+    ) -> TrainFuture[ForwardBackwardOutput]:
+        """One forward, ``loss_fn(data, logprobs_list)``, one backward; gradients accumulate."""
+        data = list(datums)
+        return self._worker.submit("forward_backward_custom", lambda: self._fwd_bwd(data, loss_fn))
+
+    def _fwd_bwd(self, data: list[Datum], loss_fn: LossFn) -> ForwardBackwardOutput:
+        import torch
+
+        logprobs = batch_logprobs(self._holder.model, data, self._holder.pad_id)
+        out = loss_fn(data, logprobs)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError("loss_fn must return (loss_tensor, metrics_dict)")
+        loss, metrics = out
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise TypeError("loss_fn must return a scalar tensor that depends on the logprobs")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is not finite ({value}); gradients were not applied")
+        loss.backward()
+        return ForwardBackwardOutput(
+            loss=value,
+            metrics={k: float(v) for k, v in metrics.items()},
+            logprobs=[lp.detach() for lp in logprobs],
+        )
+
+    def optim_step(self, params: AdamParams) -> TrainFuture[OptimStepResult]:
+        """Apply the accumulated gradients with AdamW, then zero them."""
+        return self._worker.submit("optim_step", lambda: self._optim_step(params))
+
+    def _optim_step(self, hp: AdamParams) -> OptimStepResult:
+        import torch
+
+        params = [p for p in self._holder.model.parameters() if p.requires_grad]
+        if all(p.grad is None for p in params):
+            raise RuntimeError("optim_step with no accumulated gradients; call "
+                               "forward_backward_custom first")
+        for group in self._optimizer.param_groups:
+            group.update(
+                lr=hp.learning_rate,
+                betas=(hp.beta1, hp.beta2),
+                eps=hp.eps,
+                weight_decay=hp.weight_decay,
+            )
+        max_norm = hp.grad_clip_norm if hp.grad_clip_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        self._step += 1
+        metrics = {"grad_norm": grad_norm, "learning_rate": hp.learning_rate}
+        return OptimStepResult(step=self._step, metrics=metrics)
+
+    # -------------------------------------------------------------------------- checkpoints
+    def _train_state(self) -> dict[str, Any]:
+        import torch
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self._holder.model, self._optimizer)
+        return {
+            "model": model_sd,
+            "optim": optim_sd,
+            "meta": {"step": torch.tensor(self._step), "rng": torch.get_rng_state()},
+        }
+
+    def save_state(self, name: str, ttl_seconds: float | None = None) -> TrainFuture[Path]:
+        """Write weights + optimizer + step + RNG (DCP) under ``checkpoint_dir/states/name``."""
+        return self._worker.submit("save_state", lambda: self._save_state(name, ttl_seconds))
+
+    def _save_state(self, name: str, ttl_seconds: float | None) -> Path:
+        train_state.prune_expired(self.states_root)
+        path = train_state.save_dcp_state(
+            self.states_root, name, self._train_state(), step=self._step, ttl_seconds=ttl_seconds
+        )
+        log.info("train_state_saved", path=str(path), step=self._step)
+        return path
+
+    def load_state_with_optimizer(self, path: str | Path) -> TrainFuture[int]:
+        """Restore weights, optimizer, step and RNG from a ``save_state`` path; return step."""
+        return self._worker.submit(
+            "load_state_with_optimizer", lambda: self._load_state(Path(path), optimizer=True)
+        )
+
+    def load_state(self, path: str | Path) -> TrainFuture[int]:
+        """Restore weights only (from a train state or an HF / sampler base dir)."""
+        return self._worker.submit("load_state", lambda: self._load_state(Path(path), False))
+
+    def _load_state(self, path: Path, optimizer: bool) -> int:
+        import torch
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if not optimizer and not (path / train_state.SIDECAR).exists():
+            return self._load_hf_weights(path)
+        info = train_state.read_state_info(path)
+        sd = self._train_state()
+        if not optimizer:
+            sd = {"model": sd["model"]}
+        train_state.load_dcp_state(path, sd)
+        set_state_dict(
+            self._holder.model,
+            self._optimizer,
+            model_state_dict=sd["model"],
+            optim_state_dict=sd["optim"] if optimizer else {},
+        )
+        if optimizer:
+            self._step = int(sd["meta"]["step"])
+            torch.set_rng_state(sd["meta"]["rng"])
+        self._optimizer.zero_grad(set_to_none=True)
+        log.info("train_state_loaded", path=str(path), step=info.step, optimizer=optimizer)
+        return self._step
+
+    def _load_hf_weights(self, path: Path) -> int:
+        import torch
+        from safetensors.torch import load_file
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise train_state.CheckpointError(
+                f"{path} is {train_state.describe_kind(path)}; no weights found"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(f))
+        model = self._holder.model
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise train_state.CheckpointError(
+                f"weights in {path} do not match the model: missing={missing[:5]} "
+                f"unexpected={unexpected[:5]}"
+            )
+        if model.config.tie_word_embeddings:
+            model.tie_weights()
+        log.info("weights_loaded", path=str(path))
+        return self._step
+
+    # ------------------------------------------------------------------------------ closing
+    def _check_open(self, op: str) -> None:
+        if self._worker.closed:
+            raise ClosedResourceError(f"cannot call {op}: the training client is closed")
+
+    def close(self) -> None:
+        """Finish queued work, report failed futures nobody read, release the worker."""
+        self._worker.close()
+
+    async def aclose(self) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(self.close)
+
+    def __enter__(self) -> TrainingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> TrainingClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

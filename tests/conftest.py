@@ -1,0 +1,14 @@
+"""Shared fixtures: tiny locally made models (made once per test session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from asyncrl.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
