@@ -42,7 +42,36 @@ _EXPORTS: dict[str, str] = {
     "ClosedResourceError": "asyncrl.errors",
 }
 
-__all__ = sorted(_EXPORTS)  # noqa: PLE0605
+__all__ = [
+    "AdamParams",
+    "AsyncRLError",
+    "CheckpointError",
+    "ChecksumError",
+    "ClosedResourceError",
+    "ConfigError",
+    "DataError",
+    "Datum",
+    "DeltaChainError",
+    "DeploymentError",
+    "ForwardBackwardOutput",
+    "HotloadError",
+    "IdentityMismatchError",
+    "LossConfig",
+    "ModelInput",
+    "OptimStepResult",
+    "ReferenceClient",
+    "RolloutError",
+    "SamplingError",
+    "SnapshotError",
+    "TrainFuture",
+    "TrainingClient",
+    "WrongCheckpointKindError",
+    "configure_logging",
+    "datum_from_model_input_weights",
+    "get_logger",
+    "make_loss_fn",
+    "make_tiny_model",
+]
 
 if TYPE_CHECKING:
     from asyncrl.errors import (

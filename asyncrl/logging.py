@@ -17,6 +17,16 @@ import structlog
 _configured = False
 
 
+class _Stderr:
+    """Resolves ``sys.stderr`` at each write, so redirections made later are honoured."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, json: bool | None = None, level: str | int | None = None) -> None:
     """Configure structlog (and stdlib logging) for the whole process. Safe to call again."""
     global _configured
@@ -41,7 +51,7 @@ def configure_logging(*, json: bool | None = None, level: str | int | None = Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     _configured = True

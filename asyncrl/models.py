@@ -121,15 +121,16 @@ def make_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab_size)
-    config = Qwen2Config(
-        **{k: v for k, v in asdict(spec).items()},
-        head_dim=spec.head_dim,
-        bos_token_id=tokenizer.convert_tokens_to_ids(IM_START),
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.pad_token_id,
-        rope_theta=10000.0,
-        torch_dtype=dtype,
-    )
+    fields: dict[str, Any] = {
+        **asdict(spec),
+        "head_dim": spec.head_dim,
+        "bos_token_id": tokenizer.convert_tokens_to_ids(IM_START),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(IM_END),
+        "pad_token_id": tokenizer.pad_token_id,
+        "rope_theta": 10000.0,
+        "dtype": dtype,
+    }
+    config = Qwen2Config(**fields)
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = Qwen2ForCausalLM(config)

@@ -103,8 +103,14 @@ def bench(preset: str, steps: int, batch: int, length: int, workdir: Path) -> di
         t_client.append(t2 - t1)
     client.close()
     h, c = statistics.median(t_hand), statistics.median(t_client)
-    return {"preset": preset, "hand_s": h, "client_s": c, "ratio": c / h, "batch": batch,
-            "seq_len": length}
+    return {
+        "preset": preset,
+        "hand_s": h,
+        "client_s": c,
+        "ratio": c / h,
+        "batch": batch,
+        "seq_len": length,
+    }
 
 
 def main() -> None:

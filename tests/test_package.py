@@ -24,13 +24,33 @@ def test_import_does_not_touch_torch_or_vllm() -> None:
 def test_public_names_are_pinned() -> None:
     assert asyncrl.__all__ == sorted(
         [
-            "AdamParams", "AsyncRLError", "CheckpointError", "ChecksumError",
-            "ClosedResourceError", "ConfigError", "DataError", "DeltaChainError",
-            "DeploymentError", "ForwardBackwardOutput", "HotloadError",
-            "IdentityMismatchError", "LossConfig", "ModelInput", "OptimStepResult",
-            "ReferenceClient", "RolloutError", "SamplingError", "SnapshotError",
-            "TrainFuture", "TrainingClient", "WrongCheckpointKindError", "configure_logging",
-            "Datum", "datum_from_model_input_weights", "get_logger", "make_loss_fn",
+            "AdamParams",
+            "AsyncRLError",
+            "CheckpointError",
+            "ChecksumError",
+            "ClosedResourceError",
+            "ConfigError",
+            "DataError",
+            "DeltaChainError",
+            "DeploymentError",
+            "ForwardBackwardOutput",
+            "HotloadError",
+            "IdentityMismatchError",
+            "LossConfig",
+            "ModelInput",
+            "OptimStepResult",
+            "ReferenceClient",
+            "RolloutError",
+            "SamplingError",
+            "SnapshotError",
+            "TrainFuture",
+            "TrainingClient",
+            "WrongCheckpointKindError",
+            "configure_logging",
+            "Datum",
+            "datum_from_model_input_weights",
+            "get_logger",
+            "make_loss_fn",
             "make_tiny_model",
         ]
     )
@@ -51,6 +71,5 @@ def test_error_tree_matches_builtins() -> None:
     assert issubclass(errors.HotloadError, errors.DeploymentError)
     for name in dir(errors):
         obj = getattr(errors, name)
-        if isinstance(obj, type) and issubclass(obj, Exception) and obj is not errors.AsyncRLError:
-            if obj.__module__ == "asyncrl.errors":
-                assert issubclass(obj, errors.AsyncRLError), name
+        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == errors.__name__:
+            assert issubclass(obj, errors.AsyncRLError), name

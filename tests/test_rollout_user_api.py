@@ -96,14 +96,18 @@ async def test_fail_fast_raises_with_row_and_cause() -> None:
     def bad(x: int) -> float:
         raise KeyError("no such key")
 
-    with pytest.raises(RolloutError, match="row 'r3'.*KeyError"):
+    with pytest.raises(RolloutError, match=r"row 'r3'.*KeyError"):
         await call_with_policy(bad, (1,), policy=FailFast(), row_id="r3", stage="reward")
 
 
 @pytest.mark.anyio
 async def test_nan_reward_is_a_failure_not_zero() -> None:
     out = await call_with_policy(
-        lambda x: math.nan, (1,), policy=DropGroup(), row_id="r", stage="reward",
+        lambda x: math.nan,
+        (1,),
+        policy=DropGroup(),
+        row_id="r",
+        stage="reward",
         validate=check_reward,
     )
     assert isinstance(out, SampleFailure)
@@ -237,13 +241,20 @@ class ScriptedSampler:
         self.prompts: list[list[int]] = []
 
     async def sample_with_prompt_tokens(
-        self, prompt_token_ids: Sequence[int], n: int, max_tokens: int, temperature: float,
-        stop: Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
+        self,
+        prompt_token_ids: Sequence[int],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        stop: Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
     ) -> list[_Sample]:
         self.prompts.append(list(prompt_token_ids))
         text = self.replies.pop(0)
         out = self.tokenizer.encode(text, add_special_tokens=False) + list(stop_token_ids or [])
-        return [_Sample(list(prompt_token_ids) + out, len(prompt_token_ids), [-0.5] * len(out), "stop")]
+        return [
+            _Sample(list(prompt_token_ids) + out, len(prompt_token_ids), [-0.5] * len(out), "stop")
+        ]
 
 
 @pytest.mark.anyio
@@ -260,14 +271,18 @@ async def test_calculator_episode_with_tool_call(tokenizer: Any) -> None:
     assert sampler.prompts[1] == traj.tokens[: len(sampler.prompts[1])]
     mask = traj.loss_mask
     obs_start = len(traj.turns[0].observation_tokens) + len(traj.turns[0].action_tokens)
-    assert all(m == 0.0 for m in mask[obs_start : obs_start + len(traj.turns[1].observation_tokens)])
+    assert all(
+        m == 0.0 for m in mask[obs_start : obs_start + len(traj.turns[1].observation_tokens)]
+    )
     assert traj.policy_versions[-1] == 3
 
 
 @pytest.mark.anyio
 async def test_calculator_wrong_answer_and_single_use(tokenizer: Any) -> None:
     env = CalculatorEnv("What is 2+2?", 4, ImChatRenderer(tokenizer))
-    traj = await run_episode(env, ScriptedSampler(tokenizer, ["ANSWER: 5"]), policy_version=lambda: 0)
+    traj = await run_episode(
+        env, ScriptedSampler(tokenizer, ["ANSWER: 5"]), policy_version=lambda: 0
+    )
     assert traj.reward == 0.0
     with pytest.raises(RolloutError, match="single-use"):
         await env.initial_observation()

@@ -49,7 +49,9 @@ def test_forward_matches_plain_transformers(client: TrainingClient, tiny_model_d
 
 def test_forward_backward_is_one_forward_one_backward(client: TrainingClient) -> None:
     calls = {"forward": 0}
-    handle = client.model.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
+    handle = client.model.register_forward_hook(
+        lambda *a: calls.__setitem__("forward", calls["forward"] + 1)
+    )
     seen: dict[str, bool] = {}
 
     def loss_fn(data, logprobs_list):

@@ -48,7 +48,13 @@ def test_datum_rejects_missing_or_misaligned_inputs() -> None:
 
 def test_adam_params_defaults_and_validation() -> None:
     p = AdamParams(learning_rate=1e-3)
-    assert (p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm) == (0.9, 0.95, 1e-8, 0.0, 0.0)
+    assert (p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm) == (
+        0.9,
+        0.95,
+        1e-8,
+        0.0,
+        0.0,
+    )
     with pytest.raises(ConfigError, match="beta2"):
         AdamParams(learning_rate=1e-3, beta2=1.0)
     with pytest.raises(ConfigError, match="learning_rate"):

@@ -35,14 +35,15 @@ class AdmissionGate:
             raise ConfigError(f"groups_per_step must be >= 1, got {self.groups_per_step}")
         if self.max_head_offpolicy_versions < 0:
             raise ConfigError(
-                "max_head_offpolicy_versions must be >= 0, "
-                f"got {self.max_head_offpolicy_versions}"
+                f"max_head_offpolicy_versions must be >= 0, got {self.max_head_offpolicy_versions}"
             )
 
     @property
     def capacity(self) -> int:
         """How many more groups may be admitted now (may be <= 0)."""
-        limit = (self.published_version + self.max_head_offpolicy_versions + 1) * self.groups_per_step
+        limit = (
+            self.published_version + self.max_head_offpolicy_versions + 1
+        ) * self.groups_per_step
         return limit - (self.accepted + self.in_flight)
 
     def can_admit(self) -> bool:

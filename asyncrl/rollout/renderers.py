@@ -103,10 +103,14 @@ class ImChatRenderer:
     def build_generation_prompt(self, messages: Sequence[Message]) -> list[int]:
         return self.render_messages(messages) + self._header("assistant")
 
-    def build_supervised_example(self, messages: Sequence[Message]) -> tuple[list[int], list[float]]:
+    def build_supervised_example(
+        self, messages: Sequence[Message]
+    ) -> tuple[list[int], list[float]]:
         return _supervised(self, messages)
 
-    def continuation(self, history: Sequence[Message], new_messages: Sequence[Message]) -> list[int]:
+    def continuation(
+        self, history: Sequence[Message], new_messages: Sequence[Message]
+    ) -> list[int]:
         """Tokens that follow a generated assistant turn (ended by <|im_end|>): the newline,
         the new (tool / user) messages, then the next assistant header."""
         del history  # the format is context-free
@@ -146,10 +150,14 @@ class ChatTemplateRenderer:
     def build_generation_prompt(self, messages: Sequence[Message]) -> list[int]:
         return self._apply(messages, add_generation_prompt=True)
 
-    def build_supervised_example(self, messages: Sequence[Message]) -> tuple[list[int], list[float]]:
+    def build_supervised_example(
+        self, messages: Sequence[Message]
+    ) -> tuple[list[int], list[float]]:
         return _supervised(self, messages)
 
-    def continuation(self, history: Sequence[Message], new_messages: Sequence[Message]) -> list[int]:
+    def continuation(
+        self, history: Sequence[Message], new_messages: Sequence[Message]
+    ) -> list[int]:
         """Tokens after the last generated turn, computed as a difference of renderings."""
         before = self.render_messages(history)
         after = self.build_generation_prompt([*history, *new_messages])

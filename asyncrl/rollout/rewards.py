@@ -85,19 +85,17 @@ class SampleFailure:
 
 
 def check_reward(value: Any) -> float:
-    """Return ``value`` as a float if it is a finite real number, else raise TypeError/ValueError."""
+    """``value`` as a float if it is a finite real number; else TypeError / ValueError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"returned {value!r} ({type(value).__name__}); expected a finite float"
-        )
+        raise TypeError(f"returned {value!r} ({type(value).__name__}); expected a finite float")
     out = float(value)
     if not math.isfinite(out):
         raise ValueError(f"returned {out}; expected a finite float")
     return out
 
 
-async def _call_once(fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> Any:
-    with anyio.fail_after(timeout):
+async def _call_once(fn: Callable[..., Any], args: tuple[Any, ...], limit_s: float) -> Any:
+    with anyio.fail_after(limit_s):
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
         ):

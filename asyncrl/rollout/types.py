@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Env",
-    "Row",
     "RolloutContext",
+    "Row",
     "StepResult",
     "Trajectory",
     "TrajectoryGroup",
@@ -74,8 +74,7 @@ def validate_row(raw: Any, index: int) -> Row:
             raise DataError(f"{where}: 'prompt' has no messages")
     else:
         raise DataError(
-            f"{where}: 'prompt' must be a string or a list of messages, "
-            f"got {type(prompt).__name__}"
+            f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}"
         )
     row_id = str(raw.get("id", index))
     data = {k: v for k, v in raw.items() if k not in ("prompt", "id")}
@@ -150,9 +149,10 @@ class Trajectory:
         return [
             v
             for turn in self.turns
-            for v in ([-1] * len(turn.observation_tokens) + [turn.policy_version] * len(
-                turn.action_tokens
-            ))
+            for v in (
+                [-1] * len(turn.observation_tokens)
+                + [turn.policy_version] * len(turn.action_tokens)
+            )
         ]
 
     @property

@@ -133,6 +133,38 @@ def batch_logprobs(model: Any, datums: Sequence[Datum], pad_id: int) -> list[tor
     return [logprobs_BT[i, : lengths[i]] for i in range(B)]
 
 
+SUPPORT_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model")
+
+
+def support_files(model_dir: Path) -> list[str]:
+    """Config / tokenizer / template files of an HF dir (everything but the weights)."""
+    return sorted(
+        p.name
+        for p in model_dir.iterdir()
+        if p.is_file() and p.suffix in SUPPORT_FILE_SUFFIXES and not p.name.endswith(".index.json")
+    )
+
+
+def serving_state_dict(model: Any, dtype: Any) -> dict[str, torch.Tensor]:
+    """HF tensor names -> contiguous CPU tensors in ``dtype``; tied lm_head left out."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        out[name] = tensor.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def _set_config_dtype(config_path: Path, dtype: str) -> None:
+    import json
+
+    config = json.loads(config_path.read_text())
+    config["dtype"] = dtype  # transformers >= 5 spelling; vLLM reads it too
+    config.pop("torch_dtype", None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 class _ModelHolder:
     """State shared by the compute functions: the model and its tokenizer's pad id."""
 
@@ -266,8 +298,9 @@ class TrainingClient:
 
         params = [p for p in self._holder.model.parameters() if p.requires_grad]
         if all(p.grad is None for p in params):
-            raise RuntimeError("optim_step with no accumulated gradients; call "
-                               "forward_backward_custom first")
+            raise RuntimeError(
+                "optim_step with no accumulated gradients; call forward_backward_custom first"
+            )
         for group in self._optimizer.param_groups:
             group.update(
                 lr=hp.learning_rate,
@@ -319,7 +352,7 @@ class TrainingClient:
 
     def _load_state(self, path: Path, optimizer: bool) -> int:
         import torch
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         if not optimizer and not (path / train_state.SIDECAR).exists():
             return self._load_hf_weights(path)
@@ -328,21 +361,22 @@ class TrainingClient:
         if not optimizer:
             sd = {"model": sd["model"]}
         train_state.load_dcp_state(path, sd)
-        set_state_dict(
-            self._holder.model,
-            self._optimizer,
-            model_state_dict=sd["model"],
-            optim_state_dict=sd["optim"] if optimizer else {},
-        )
         if optimizer:
+            set_state_dict(
+                self._holder.model,
+                self._optimizer,
+                model_state_dict=sd["model"],
+                optim_state_dict=sd["optim"],
+            )
             self._step = int(sd["meta"]["step"])
             torch.set_rng_state(sd["meta"]["rng"])
+        else:
+            set_model_state_dict(self._holder.model, sd["model"])
         self._optimizer.zero_grad(set_to_none=True)
         log.info("train_state_loaded", path=str(path), step=info.step, optimizer=optimizer)
         return self._step
 
     def _load_hf_weights(self, path: Path) -> int:
-        import torch
         from safetensors.torch import load_file
 
         files = sorted(path.glob("*.safetensors"))
@@ -355,7 +389,9 @@ class TrainingClient:
             tensors.update(load_file(f))
         model = self._holder.model
         missing, unexpected = model.load_state_dict(tensors, strict=False)
-        missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
+        missing = [
+            m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)
+        ]
         if missing or unexpected:
             raise train_state.CheckpointError(
                 f"weights in {path} do not match the model: missing={missing[:5]} "
@@ -365,6 +401,29 @@ class TrainingClient:
             model.tie_weights()
         log.info("weights_loaded", path=str(path))
         return self._step
+
+    def export_hf(self, out_dir: str | Path, *, dtype: str = "bfloat16") -> TrainFuture[Path]:
+        """Write the current weights as an HF model directory (config, tokenizer copied)."""
+        return self._worker.submit("export_hf", lambda: self._export_hf(Path(out_dir), dtype))
+
+    def _export_hf(self, out: Path, dtype: str) -> Path:
+        import shutil
+
+        from safetensors.torch import save_file
+
+        torch_dtype = _resolve_dtype(dtype)
+        tensors = serving_state_dict(self._holder.model, torch_dtype)
+        tmp = out.with_name(f".tmp-{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in support_files(self.model_dir):
+            shutil.copy2(self.model_dir / name, tmp / name)
+        _set_config_dtype(tmp / "config.json", dtype)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return out
 
     # ------------------------------------------------------------------------------ closing
     def _check_open(self, op: str) -> None:

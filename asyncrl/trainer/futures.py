@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from collections.abc import Generator
 from typing import Any, Generic, TypeVar
 
@@ -21,7 +22,7 @@ log = get_logger("asyncrl.trainer")
 class TrainFuture(Generic[T]):
     """The pending result of one training-client call."""
 
-    __slots__ = ("_future", "_op", "_reported", "_retrieved", "__weakref__")
+    __slots__ = ("__weakref__", "_future", "_op", "_reported", "_retrieved")
 
     def __init__(self, future: concurrent.futures.Future[T], op: str) -> None:
         self._future = future
@@ -82,10 +83,8 @@ class TrainFuture(Generic[T]):
         )
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to log to
             self.report_if_unread("garbage_collected")
-        except Exception:  # pragma: no cover - interpreter shutdown
-            pass
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"

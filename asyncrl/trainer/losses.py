@@ -126,7 +126,9 @@ class LossConfig:
 
 def _check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"LossConfig.{field_name}={value!r} is not valid; expected one of {choices}")
+        raise ConfigError(
+            f"LossConfig.{field_name}={value!r} is not valid; expected one of {choices}"
+        )
 
 
 def _check_number(field_name: str, value: object, *, allow_inf: bool) -> None:
@@ -156,7 +158,7 @@ def k1(logprobs_T: torch.Tensor, other_T: torch.Tensor) -> torch.Tensor:
 
 
 def k3(logprobs_T: torch.Tensor, other_T: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(pi || other): with ``d = other - logp``, ``exp(d) - d - 1`` (>= 0, 0 iff equal)."""
+    """k3 estimator of KL(pi || other): ``exp(d) - d - 1``, ``d = other - logp`` (0 iff equal)."""
     d_T = other_T - logprobs_T
     return d_T.exp() - d_T - 1
 
@@ -166,7 +168,9 @@ def clip_ratio(ratio_T: torch.Tensor, eps_low: float, eps_high: float) -> torch.
     return ratio_T.clamp(1 - eps_low, 1 + eps_high)
 
 
-def _clipped_ppo(ratio_T: torch.Tensor, advantages_T: torch.Tensor, eps_low: float, eps_high: float) -> TokenLoss:
+def _clipped_ppo(
+    ratio_T: torch.Tensor, advantages_T: torch.Tensor, eps_low: float, eps_high: float
+) -> TokenLoss:
     clipped_ratio_T = clip_ratio(ratio_T, eps_low, eps_high)
     loss_T = (-ratio_T * advantages_T).maximum(-clipped_ratio_T * advantages_T)
     clipped_T = ((advantages_T > 0) & (ratio_T > 1 + eps_high)) | (
@@ -182,7 +186,7 @@ def ppo_clip_token_loss(
     eps_low: float,
     eps_high: float,
 ) -> TokenLoss:
-    """PPO-clip: ``max(-r·A, -clip(r)·A)``, ``r = exp(logp - old)``; clipped where the clip binds."""
+    """PPO-clip ``max(-r·A, -clip(r)·A)``, ``r = exp(logp - old)``; clipped where the clip binds."""
     return _clipped_ppo((logprobs_T - old_logprobs_T).exp(), advantages_T, eps_low, eps_high)
 
 
@@ -203,7 +207,7 @@ def gspo_token_loss(
     eps_low: float,
     eps_high: float,
 ) -> TokenLoss:
-    """GSPO-token: PPO-clip with every token's ratio ``sg(s)·exp(logp - sg(logp))`` (value ``s``)."""
+    """GSPO-token: PPO-clip, each token's ratio ``sg(s)·exp(logp - sg(logp))`` (value ``s``)."""
     seq_ratio = gspo_sequence_ratio(logprobs_T, old_logprobs_T, weights_T)
     ratio_T = seq_ratio.detach() * (logprobs_T - logprobs_T.detach()).exp()
     return _clipped_ppo(ratio_T, advantages_T, eps_low, eps_high)
@@ -254,7 +258,9 @@ def normalize_loss(
         has_tokens_S = totals_S > 0
         means_S = (sums_S / _nonzero(totals_S)).where(has_tokens_S, sums_S.new_zeros(()))
         return means_S.sum() / _nonzero(has_tokens_S.sum().to(sums_S))
-    raise ConfigError(f"normalization={normalization!r} is not valid; expected one of {NORMALIZATIONS}")
+    raise ConfigError(
+        f"normalization={normalization!r} is not valid; expected one of {NORMALIZATIONS}"
+    )
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -305,21 +311,27 @@ class _Inputs(NamedTuple):
     ref_T: torch.Tensor | None
 
 
-def _read_rl_inputs(cfg: LossConfig, datum: Datum, index: int, logprobs_T: torch.Tensor, use_ref: bool) -> _Inputs:
+def _read_rl_inputs(
+    cfg: LossConfig, datum: Datum, index: int, logprobs_T: torch.Tensor, use_ref: bool
+) -> _Inputs:
     """Read and check one datum; untrained positions get neutral values (A=0, old=logp, ...)."""
     logp_T = _logprobs(datum, index, logprobs_T)
     weights_T = _read(datum, index, "weights", logp_T)
     trained_T = weights_T > 0
     neutral_T = logp_T.detach()
-    advantages_T = _read(datum, index, "advantages", logp_T).where(trained_T, neutral_T.new_zeros(()))
+    advantages_T = _read(datum, index, "advantages", logp_T).where(
+        trained_T, neutral_T.new_zeros(())
+    )
     old_T = _read(datum, index, "old_logprobs", logp_T).where(trained_T, neutral_T)
     behaviour_T = ref_T = None
     if cfg.tis_cap is not None:
         why = f" (needed because tis_cap={cfg.tis_cap})"
         behaviour_T = _read(datum, index, "behaviour_logprobs", logp_T, why).where(trained_T, old_T)
     if use_ref:
-        why = f" (needed because kl_beta={cfg.kl_beta})" if cfg.kl_beta > 0 else (
-            " (another datum of the batch has it: give it to all or none)"
+        why = (
+            f" (needed because kl_beta={cfg.kl_beta})"
+            if cfg.kl_beta > 0
+            else " (another datum of the batch has it: give it to all or none)"
         )
         ref_T = _read(datum, index, "ref_logprobs", logp_T, why).where(trained_T, neutral_T)
     return _Inputs(logp_T, weights_T, advantages_T, old_T, behaviour_T, ref_T)
