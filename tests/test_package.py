@@ -71,5 +71,6 @@ def test_error_tree_matches_builtins() -> None:
     assert issubclass(errors.HotloadError, errors.DeploymentError)
     for name in dir(errors):
         obj = getattr(errors, name)
-        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == errors.__name__:
+        ours = isinstance(obj, type) and obj.__module__ == errors.__name__
+        if ours and issubclass(obj, Exception):
             assert issubclass(obj, errors.AsyncRLError), name
