@@ -56,6 +56,27 @@ class OptimStepResult:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class SaveSamplerResult:
+    """A written sampler snapshot (HF safetensors base, or XOR delta) and what it cost."""
+
+    path: Path
+    snapshot_name: str
+    snapshot_identity: str
+    kind: str
+    previous_snapshot_identity: str | None
+    nbytes: int
+    save_s: float
+    encode_s: float
+
+    @property
+    def incremental_snapshot_metadata(self) -> dict[str, str] | None:
+        """What ``hotload_and_wait`` needs for a delta (None for a base)."""
+        if self.kind == "base" or self.previous_snapshot_identity is None:
+            return None
+        return {"previous_snapshot_identity": self.previous_snapshot_identity}
+
+
 class _Worker:
     """One thread that runs submitted calls in order, shared by a client and its references."""
 
@@ -205,6 +226,11 @@ class TrainingClient:
         self.checkpoint_dir = checkpoint_dir
         self.seed = seed
         self._step = 0
+        self.sampler_dtype = "bfloat16"
+        # host-side bytes of recent sampler snapshots, by identity: deltas are XORed against
+        # them (never against bytes read back from a deployment)
+        self._host_snapshots: dict[str, Any] = {}
+        self._last_identity: str | None = None
         params = [p for p in model.parameters() if p.requires_grad]
         self._optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-8)
 
@@ -401,6 +427,78 @@ class TrainingClient:
             model.tie_weights()
         log.info("weights_loaded", path=str(path))
         return self._step
+
+    @property
+    def sampler_root(self) -> Path:
+        return self.checkpoint_dir / "sampler"
+
+    def save_weights_for_sampler_ext(
+        self,
+        name: str,
+        checkpoint_type: str = "base",
+        *,
+        previous_snapshot_identity: str | None = None,
+    ) -> TrainFuture[SaveSamplerResult]:
+        """Write the current weights for serving under ``checkpoint_dir/sampler/name``.
+
+        ``"base"``: full weights in ``sampler_dtype`` (an HF dir that vLLM and transformers
+        load). ``"delta"``: XOR against ``previous_snapshot_identity`` (default: the last
+        snapshot this client wrote), byte-plane shuffled and zstd-compressed; a delta with no
+        base in the chain raises DeltaChainError."""
+        if checkpoint_type not in ("base", "delta"):
+            raise ConfigError(f"checkpoint_type must be 'base' or 'delta', got {checkpoint_type!r}")
+        return self._worker.submit(
+            f"save_weights_for_sampler_ext({checkpoint_type})",
+            lambda: self._save_sampler(name, checkpoint_type, previous_snapshot_identity),
+        )
+
+    def _save_sampler(self, name: str, kind: str, previous: str | None) -> SaveSamplerResult:
+        import time
+
+        from asyncrl.errors import DeltaChainError
+        from asyncrl.sync import snapshot
+
+        t0 = time.perf_counter()
+        tensors = serving_state_dict(self._holder.model, _resolve_dtype(self.sampler_dtype))
+        t1 = time.perf_counter()
+        if kind == "base":
+            extras = {f: self.model_dir / f for f in support_files(self.model_dir)}
+            _, host = snapshot.write_base(
+                self.sampler_root, name, tensors, extra_files=extras
+            )
+            previous = None
+        else:
+            previous = previous or self._last_identity
+            if previous is None or previous not in self._host_snapshots:
+                raise DeltaChainError(
+                    f"cannot save delta {name!r}: no base snapshot {previous or ''} in this "
+                    "client's chain; save a base first"
+                )
+            _, host = snapshot.write_delta(
+                self.sampler_root, name, tensors, self._host_snapshots[previous]
+            )
+        t2 = time.perf_counter()
+        self._remember(host, keep=previous)
+        path = self.sampler_root / name
+        nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        log.info(
+            "sampler_snapshot_saved",
+            name=name,
+            kind=kind,
+            identity=host.identity,
+            previous_snapshot_identity=previous,
+            bytes=nbytes,
+        )
+        return SaveSamplerResult(
+            path, name, host.identity, kind, previous, nbytes, t1 - t0, t2 - t1
+        )
+
+    def _remember(self, host: Any, keep: str | None) -> None:
+        """Keep the new snapshot's host bytes and the one it was based on; drop the rest."""
+        kept = {k: v for k, v in self._host_snapshots.items() if k == keep}
+        kept[host.identity] = host
+        self._host_snapshots = kept
+        self._last_identity = host.identity
 
     def export_hf(self, out_dir: str | Path, *, dtype: str = "bfloat16") -> TrainFuture[Path]:
         """Write the current weights as an HF model directory (config, tokenizer copied)."""

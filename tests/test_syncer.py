@@ -1,0 +1,139 @@
+"""WeightSyncer against an in-process fake deployment that applies snapshots for real."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncrl.errors import IdentityMismatchError
+from asyncrl.sync import snapshot
+from asyncrl.sync.syncer import WeightSyncer
+from asyncrl.trainer.client import TrainingClient
+from asyncrl.trainer.losses import cross_entropy_loss_fn
+from asyncrl.types import AdamParams, ModelInput, datum_from_model_input_weights
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class _Status:
+    current_snapshot_identity: str | None
+
+
+@dataclass
+class _Timings:
+    pause_s: float = 0.0
+    reload_s: float = 0.0
+    resume_s: float = 0.0
+    probe_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class _Result:
+    identity: str
+    timings: _Timings
+
+
+class FakeDeployManager:
+    """Holds host-side bytes like the worker extension and applies snapshots with the real
+    snapshot reader (so checksum / identity checks are the real ones)."""
+
+    def __init__(self) -> None:
+        self.current: snapshot.HostSnapshot | None = None
+        self.loaded: list[tuple[str, str]] = []
+        self.reject_next_delta = False
+
+    async def get_status(self, deployment: Any) -> _Status:
+        return _Status(None if self.current is None else self.current.identity)
+
+    async def hotload_and_wait(self, deployment: Any, identity: str, *, snapshot_path: Path,
+                               incremental_snapshot_metadata: dict | None, **kw: Any) -> _Result:
+        if incremental_snapshot_metadata is not None and self.reject_next_delta:
+            self.reject_next_delta = False
+            raise IdentityMismatchError("injected: deployment serves something else")
+        loaded = snapshot.apply_snapshot(snapshot_path, self.current)
+        assert loaded.snapshot.identity == identity
+        self.current = loaded.snapshot
+        self.loaded.append((loaded.manifest.kind, identity))
+        return _Result(identity, _Timings())
+
+
+def train_step(client: TrainingClient, seed: int) -> None:
+    tokens = [(seed * 7 + i) % 90 + 3 for i in range(12)]
+    d = datum_from_model_input_weights(ModelInput.from_ints(tokens), [0.0] * 4 + [1.0] * 8)
+    client.forward_backward_custom([d], cross_entropy_loss_fn).result()
+    client.optim_step(AdamParams(learning_rate=1e-2)).result()
+
+
+@pytest.fixture
+def client(tiny_model_dir: Path, tmp_path: Path):
+    c = TrainingClient.from_pretrained(tiny_model_dir, checkpoint_dir=tmp_path)
+    yield c
+    c.close()
+
+
+@pytest.mark.anyio
+async def test_base_then_deltas_reproduce_trainer_bytes(client: TrainingClient) -> None:
+    mgr = FakeDeployManager()
+    syncer = WeightSyncer(client, mgr, deployment=None)
+    await syncer.save_and_hotload("s0")
+    for step in range(1, 4):
+        train_step(client, step)
+        await syncer.save_and_hotload(f"s{step}")
+    assert [k for k, _ in mgr.loaded] == ["base", "delta", "delta", "delta"]
+    assert syncer.previous_snapshot_identity == mgr.current.identity
+    # what the "deployment" holds is exactly the trainer's weights in the serving dtype
+    served = snapshot.to_torch(mgr.current)
+    import torch
+
+    for name, tensor in client.model.state_dict().items():
+        if name in served:
+            assert torch.equal(served[name], tensor.to(torch.bfloat16)), name
+    timing = syncer.last_timing
+    assert timing is not None and timing.kind == "delta" and timing.nbytes > 0
+    base_bytes = sum(f.stat().st_size for f in (client.sampler_root / "s0").iterdir())
+    assert timing.nbytes < base_bytes
+
+
+@pytest.mark.anyio
+async def test_rejected_delta_falls_back_to_base(client: TrainingClient) -> None:
+    mgr = FakeDeployManager()
+    syncer = WeightSyncer(client, mgr, deployment=None)
+    await syncer.save_and_hotload("s0")
+    train_step(client, 1)
+    mgr.reject_next_delta = True
+    name = await syncer.save_and_hotload("s1")
+    assert name == "s1-base"
+    assert syncer.delta_fallbacks == 1
+    assert [k for k, _ in mgr.loaded] == ["base", "base"]
+    train_step(client, 2)
+    await syncer.save_and_hotload("s2")
+    assert mgr.loaded[-1][0] == "delta"
+
+
+@pytest.mark.anyio
+async def test_foreign_identity_forces_base(client: TrainingClient, tiny_model_dir: Path) -> None:
+    mgr = FakeDeployManager()
+    syncer = WeightSyncer(client, mgr, deployment=None)
+    await syncer.save_and_hotload("s0")
+    mgr.current = snapshot.HostSnapshot("f" * 32, mgr.current.tensors, mgr.current.checksums)
+    train_step(client, 1)
+    await syncer.save_and_hotload("s1")
+    assert mgr.loaded[-1][0] == "base"
+    assert syncer.chain.forced_bases == 1
+
+
+def test_delta_without_base_is_a_clear_error(client: TrainingClient) -> None:
+    from asyncrl.errors import DeltaChainError
+
+    with pytest.raises(DeltaChainError, match="save a base first"):
+        client.save_weights_for_sampler_ext("d0", "delta").result()
+    with pytest.raises(ValueError, match="checkpoint_type"):
+        client.save_weights_for_sampler_ext("x", "full")
