@@ -6,13 +6,22 @@ Validation errors are ``ConfigError`` (a ``ValueError``) naming the field and th
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from asyncrl.errors import ConfigError
 
-__all__ = ["OUTPUT_MODEL_ID_RE", "WeightSyncConfig", "parse_config", "validate_output_model_id"]
+__all__ = [
+    "OUTPUT_MODEL_ID_RE",
+    "LossSettings",
+    "RLConfig",
+    "WeightSyncConfig",
+    "load_rl_config",
+    "parse_config",
+    "validate_output_model_id",
+]
 
 OUTPUT_MODEL_ID_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -27,8 +36,22 @@ def validate_output_model_id(value: str) -> str:
     return value
 
 
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+    )
+
+
 class _Strict(BaseModel):
+    """Frozen, no unknown fields; invalid values raise ConfigError naming every field."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid {type(self).__name__}: {_problems(exc)}") from None
 
 
 class WeightSyncConfig(_Strict):
@@ -46,8 +69,117 @@ def parse_config(model: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid {model.__name__}: {problems}") from exc
+        raise ConfigError(f"invalid {model.__name__}: {_problems(exc)}") from exc
+
+
+def _resolve_callable(value: Any, field: str) -> Any:
+    """A callable, or a "package.module:attribute" string naming one."""
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str) and ":" in value:
+        import importlib
+
+        module, _, attr = value.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import {value!r}: {exc}") from exc
+        if callable(obj):
+            return obj
+    raise ValueError(f"{field} must be a callable or 'module:function', got {value!r}")
+
+
+class LossSettings(_Strict):
+    """The policy loss (see asyncrl.trainer.losses.LossConfig)."""
+
+    name: str = "grpo"
+    eps_clip: float = Field(0.2, ge=0)
+    eps_clip_high: float | None = Field(None, ge=0)
+    tis_cap: float | None = Field(2.0, gt=0)
+    normalization: str = "token_mean"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from asyncrl.trainer.losses import LOSS_NAMES
+
+        if value not in LOSS_NAMES:
+            raise ValueError(f"unknown loss {value!r}; choose one of {list(LOSS_NAMES)}")
+        return value
+
+    @field_validator("normalization")
+    @classmethod
+    def _known_norm(cls, value: str) -> str:
+        from asyncrl.trainer.losses import NORMALIZATIONS
+
+        if value not in NORMALIZATIONS:
+            raise ValueError(
+                f"unknown normalization {value!r}; choose one of {list(NORMALIZATIONS)}"
+            )
+        return value
+
+
+class RLConfig(_Strict):
+    """The async RL recipe's config (the seeds' ``rl_loop.Config`` shape)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    log_path: Path
+    base_model: Path
+    dataset: Path | list[dict[str, Any]]
+    reward_fn: Any = None
+    rollout_fn: Any = None
+    completions_per_prompt: int = Field(8, ge=2, description="GRPO group size (>= 2)")
+    prompt_groups_per_step: int = Field(8, ge=1)
+    max_head_offpolicy_versions: int = Field(1, ge=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    kl_beta: float = Field(0.0, ge=0)
+    loss: LossSettings = LossSettings()
+    max_steps: int = Field(10, ge=1)
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+    output_model_id: str | None = None
+    init_from_checkpoint: str | None = None
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_context_len: int = Field(1024, ge=16)
+    rollout_workers: int = Field(8, ge=1)
+    grad_clip_norm: float = Field(1.0, ge=0)
+    reward_timeout_s: float = Field(60.0, gt=0)
+    failure_policy: str = Field("drop_group", pattern="^(fail_fast|retry|drop_group)$")
+    failure_retries: int = Field(2, ge=0)
+    deployment_url: str | None = None
+    seed: int = 0
+    eval_rows: list[dict[str, Any]] | None = None
+    progress: bool = True
+
+    @field_validator("reward_fn", "rollout_fn", mode="before")
+    @classmethod
+    def _callables(cls, value: Any, info: Any) -> Any:
+        return _resolve_callable(value, info.field_name)
+
+    @field_validator("output_model_id")
+    @classmethod
+    def _model_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            validate_output_model_id(value)
+        return value
+
+    @field_validator("init_from_checkpoint")
+    @classmethod
+    def _init_ref(cls, value: str | None) -> str | None:
+        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+            raise ValueError(
+                f"init_from_checkpoint must be 'run_log_path:checkpoint', got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RLConfig:
+        if (self.reward_fn is None) == (self.rollout_fn is None):
+            raise ValueError("give exactly one of reward_fn or rollout_fn")
+        return self
+
+
+def load_rl_config(data: dict[str, Any]) -> RLConfig:
+    """Validate a dict (e.g. parsed from a JSON/TOML file) into an RLConfig."""
+    return parse_config(RLConfig, data)

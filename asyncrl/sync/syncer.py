@@ -17,6 +17,7 @@ Invariants (the decisions live in the pure ``DeltaChain``):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,7 @@ class WeightSyncer:
         self.last_timing: SyncTiming | None = None
         self.delta_fallbacks = 0
         self.syncs = 0
+        self._last_saved: str | None = None
         self._closed = False
 
     @property
@@ -95,8 +97,17 @@ class WeightSyncer:
         """Forget the chain: the next sync is a base (e.g. after a deployment restart)."""
         self.chain.reset()
 
-    async def save_and_hotload(self, name: str, checkpoint_type: str | None = None) -> str:
-        """Save the current weights as ``name`` and make the deployment serve them."""
+    async def save_and_hotload(
+        self,
+        name: str,
+        checkpoint_type: str | None = None,
+        *,
+        after_submit: Callable[[], None] | None = None,
+    ) -> str:
+        """Save the current weights as ``name`` and make the deployment serve them.
+
+        ``after_submit`` is called as soon as the save is queued on the trainer's worker: the
+        trainer may then queue its next step, which runs after the save (calls run in order)."""
         if self._closed:
             raise ClosedResourceError("WeightSyncer is closed")
         status = await self.mgr.get_status(self.deployment)
@@ -106,7 +117,7 @@ class WeightSyncer:
             requested = self.first_checkpoint_type
         kind = self.chain.next_checkpoint_type(requested)
         try:
-            return await self._sync(name, kind)
+            return await self._sync(name, kind, after_submit)
         except _DELTA_REJECTIONS as exc:
             if kind != "delta":
                 raise
@@ -117,13 +128,29 @@ class WeightSyncer:
                 error=f"{type(exc).__name__}: {exc}",
             )
             self.chain.on_hotload_failed()
-            return await self._sync(f"{name}-base", "base")
+            # the replacement base holds exactly the rejected delta's weights, whatever the
+            # trainer queued since (its worker may already run the next step)
+            return await self._sync(f"{name}-base", "base", source=self._last_saved)
 
-    async def _sync(self, name: str, kind: str) -> str:
+    async def _sync(
+        self,
+        name: str,
+        kind: str,
+        after_submit: Callable[[], None] | None = None,
+        *,
+        source: str | None = None,
+    ) -> str:
         t0 = time.perf_counter()
-        saved = await self.client.save_weights_for_sampler_ext(
-            name, kind, previous_snapshot_identity=self.chain.previous_snapshot_identity
+        future = self.client.save_weights_for_sampler_ext(
+            name,
+            kind,
+            previous_snapshot_identity=self.chain.previous_snapshot_identity,
+            source_identity=source,
         )
+        if after_submit is not None:
+            after_submit()
+        saved = await future
+        self._last_saved = saved.snapshot_identity
         self.chain.on_saved(saved.snapshot_identity, kind)
         result = await self.hotload(
             saved.snapshot_identity, saved.path, saved.incremental_snapshot_metadata

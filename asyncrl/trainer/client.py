@@ -428,6 +428,17 @@ class TrainingClient:
         log.info("weights_loaded", path=str(path))
         return self._step
 
+    def set_step(self, step: int) -> TrainFuture[int]:
+        """Set the optimizer step counter (e.g. 0 after initialising from another run)."""
+        if step < 0:
+            raise ConfigError(f"step must be >= 0, got {step}")
+
+        def run() -> int:
+            self._step = step
+            return step
+
+        return self._worker.submit("set_step", run)
+
     @property
     def sampler_root(self) -> Path:
         return self.checkpoint_dir / "sampler"
@@ -438,34 +449,44 @@ class TrainingClient:
         checkpoint_type: str = "base",
         *,
         previous_snapshot_identity: str | None = None,
+        source_identity: str | None = None,
     ) -> TrainFuture[SaveSamplerResult]:
         """Write the current weights for serving under ``checkpoint_dir/sampler/name``.
 
         ``"base"``: full weights in ``sampler_dtype`` (an HF dir that vLLM and transformers
         load). ``"delta"``: XOR against ``previous_snapshot_identity`` (default: the last
         snapshot this client wrote), byte-plane shuffled and zstd-compressed; a delta with no
-        base in the chain raises DeltaChainError."""
+        base in the chain raises DeltaChainError. ``source_identity`` writes the weights of an
+        earlier snapshot of this client (kept host-side) instead of the live weights: a base
+        that replaces a rejected delta holds exactly that delta's weights."""
         if checkpoint_type not in ("base", "delta"):
             raise ConfigError(f"checkpoint_type must be 'base' or 'delta', got {checkpoint_type!r}")
         return self._worker.submit(
             f"save_weights_for_sampler_ext({checkpoint_type})",
-            lambda: self._save_sampler(name, checkpoint_type, previous_snapshot_identity),
+            lambda: self._save_sampler(
+                name, checkpoint_type, previous_snapshot_identity, source_identity
+            ),
         )
 
-    def _save_sampler(self, name: str, kind: str, previous: str | None) -> SaveSamplerResult:
+    def _save_sampler(
+        self, name: str, kind: str, previous: str | None, source: str | None
+    ) -> SaveSamplerResult:
         import time
 
         from asyncrl.errors import DeltaChainError
         from asyncrl.sync import snapshot
 
         t0 = time.perf_counter()
-        tensors = serving_state_dict(self._holder.model, _resolve_dtype(self.sampler_dtype))
+        if source is not None:
+            if source not in self._host_snapshots:
+                raise DeltaChainError(f"snapshot {source} is no longer held by this client")
+            tensors = snapshot.to_torch(self._host_snapshots[source])
+        else:
+            tensors = serving_state_dict(self._holder.model, _resolve_dtype(self.sampler_dtype))
         t1 = time.perf_counter()
         if kind == "base":
             extras = {f: self.model_dir / f for f in support_files(self.model_dir)}
-            _, host = snapshot.write_base(
-                self.sampler_root, name, tensors, extra_files=extras
-            )
+            _, host = snapshot.write_base(self.sampler_root, name, tensors, extra_files=extras)
             previous = None
         else:
             previous = previous or self._last_identity

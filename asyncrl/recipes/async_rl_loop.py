@@ -1,0 +1,619 @@
+"""The async RL loop: rollout actors, a trainer consumer and a weight-sync task in ONE task group.
+
+    dataset rows -> admitter (AdmissionGate: staleness bound) -> work channel (bounded)
+      -> N rollout actors (DeploymentSampler -> vLLM; reward_fn / rollout_fn)
+      -> result channel (bounded) -> trainer (GRPO advantages, reference logprobs, TIS,
+         forward_backward_custom, optim_step) -> sync channel (bounded)
+      -> weight syncer (save_and_hotload: base first, deltas after) -> publish version
+      -> gate reopens
+
+Invariants:
+- Every sample carries the policy version that was published when its request was sent; a
+  group staler than ``max_head_offpolicy_versions`` at training time is dropped, counted, and
+  its row sampled again. ``max_head_offpolicy_versions=0`` is strictly on-policy.
+- ``ppo_kl`` is exactly 0 on the first minibatch of each step: old logprobs are the live
+  logprobs of that minibatch (one forward, one backward).
+- Every row of an epoch is trained, filtered or dropped exactly once; a checkpoint records
+  which, so a stop + rerun trains the rows that were in flight, and none twice.
+- Shutdown: when the trainer reaches ``max_steps`` it waits for the last sync, saves the
+  final checkpoint and cancels the task group; nothing runs after ``run`` returns.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from asyncrl.config import RLConfig
+from asyncrl.logging import get_logger
+from asyncrl.recipes.checkpoints import TrainingCheckpoints, promote_checkpoint
+from asyncrl.recipes.data import RowLedger, load_rows
+from asyncrl.recipes.gate import AdmissionGate
+from asyncrl.rollout.rewards import (
+    DropGroup,
+    FailFast,
+    FailurePolicy,
+    RetryOnFailure,
+    SampleFailure,
+    call_with_policy,
+    check_reward,
+)
+from asyncrl.rollout.types import RolloutContext, Row, Trajectory, TrajectoryGroup, Turn
+
+__all__ = ["Config", "RunSummary", "main", "run"]
+
+Config = RLConfig
+POLICY_MODEL_NAME = "asyncrl-policy"
+log = get_logger("asyncrl.rl")
+
+
+@dataclass
+class RunSummary:
+    log_path: Path
+    steps: int
+    resumed_from: str | None
+    final_checkpoint: str | None
+    promoted_model: Path | None
+    eval_before: float | None = None
+    eval_after: float | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _GroupResult:
+    index: int
+    row: Row
+    group: TrajectoryGroup | None
+    failure: SampleFailure | None
+
+
+@dataclass
+class _Counters:
+    """Per-step counters, reset when a metrics row is written."""
+
+    filtered: int = 0
+    stale: int = 0
+    failed: int = 0
+    rollout_wait_s: float = 0.0
+
+    def take(self) -> dict[str, float]:
+        out = {
+            "rollout/groups_filtered": self.filtered,
+            "rollout/groups_failed": self.failed,
+            "async/stale_dropped": self.stale,
+            "perf/rollout_wait_time": self.rollout_wait_s,
+        }
+        self.filtered = self.stale = self.failed = 0
+        self.rollout_wait_s = 0.0
+        return out
+
+
+class _Shared:
+    """State shared by the tasks of one event loop (no threads touch it)."""
+
+    def __init__(self, gate: AdmissionGate, ledger: RowLedger) -> None:
+        self.gate = gate
+        self.ledger = ledger
+        self.counters = _Counters()
+        self._changed = anyio.Event()
+
+    def pulse(self) -> None:
+        """Wake whoever waits for the gate or the ledger to change."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    @property
+    def version(self) -> int:
+        return self.gate.published_version
+
+
+def failure_policy(cfg: RLConfig) -> FailurePolicy:
+    if cfg.failure_policy == "fail_fast":
+        return FailFast(timeout=cfg.reward_timeout_s)
+    if cfg.failure_policy == "retry":
+        return RetryOnFailure(max_retries=cfg.failure_retries, timeout=cfg.reward_timeout_s)
+    return DropGroup(timeout=cfg.reward_timeout_s)
+
+
+def first_minibatch(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Use the live logprobs (detached) as old logprobs: the single-minibatch PPO step."""
+    from asyncrl.trainer.types import Datum
+
+    def wrapped(data: Sequence[Datum], logprobs_list: Sequence[Any]) -> Any:
+        with_old = [
+            Datum(d.model_input, {**d.loss_fn_inputs, "old_logprobs": lp.detach()})
+            for d, lp in zip(data, logprobs_list, strict=True)
+        ]
+        return loss_fn(with_old, logprobs_list)
+
+    return wrapped
+
+
+# ------------------------------------------------------------------------------ rollouts
+class Rollouts:
+    """Produces one TrajectoryGroup per row with the user's reward_fn or rollout_fn."""
+
+    def __init__(self, cfg: RLConfig, sampler: Any, renderer: Any, shared: _Shared) -> None:
+        self.cfg = cfg
+        self.sampler = sampler
+        self.renderer = renderer
+        self.shared = shared
+        self.policy = failure_policy(cfg)
+        self.ctx = RolloutContext(
+            sampler=sampler,
+            renderer=renderer,
+            tokenizer=getattr(renderer, "tokenizer", None),
+            policy_version=lambda: shared.version,
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+        )
+
+    async def group(self, row: Row) -> TrajectoryGroup | SampleFailure:
+        if self.cfg.rollout_fn is not None:
+            return await self._custom_group(row)
+        return await self._reward_group(row)
+
+    async def _reward_group(self, row: Row) -> TrajectoryGroup | SampleFailure:
+        cfg = self.cfg
+        prompt = self.renderer.build_generation_prompt(row.messages())
+        completions = await self.sampler.sample_with_prompt_tokens(
+            prompt,
+            cfg.completions_per_prompt,
+            cfg.max_tokens,
+            cfg.temperature,
+            stop_token_ids=self.renderer.stop_token_ids,
+        )
+        trajectories = []
+        for c in completions:
+            reward = await call_with_policy(
+                cfg.reward_fn,
+                (c, row),
+                policy=self.policy,
+                row_id=row.row_id,
+                stage="reward_fn",
+                validate=check_reward,
+            )
+            if isinstance(reward, SampleFailure):
+                return reward
+            turn = Turn(
+                observation_tokens=tuple(c.full_tokens[: c.prompt_len]),
+                action_tokens=tuple(c.completion_tokens),
+                action_logprobs=tuple(c.sampling_logprobs),
+                policy_version=int(c.policy_version or 0),
+                reward=reward,
+                finish_reason=c.finish_reason,
+            )
+            trajectories.append(Trajectory(turns=(turn,), reward=reward, row_id=row.row_id))
+        return TrajectoryGroup(row.row_id, tuple(trajectories))
+
+    async def _custom_group(self, row: Row) -> TrajectoryGroup | SampleFailure:
+        results: list[Any] = [None] * self.cfg.completions_per_prompt
+
+        async def one(i: int) -> None:
+            results[i] = await call_with_policy(
+                self.cfg.rollout_fn,
+                (self.ctx, row),
+                policy=self.policy,
+                row_id=row.row_id,
+                stage="rollout_fn",
+                validate=_check_trajectory,
+            )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(results)):
+                tg.start_soon(one, i)
+        failures = [r for r in results if isinstance(r, SampleFailure)]
+        if failures:
+            return failures[0]
+        return TrajectoryGroup(row.row_id, tuple(results))
+
+
+def _check_trajectory(value: Any) -> Trajectory:
+    if not isinstance(value, Trajectory):
+        raise TypeError(f"rollout_fn returned {type(value).__name__}; expected a Trajectory")
+    return value
+
+
+# ------------------------------------------------------------------------------- trainer
+@dataclass
+class _Batch:
+    indices: list[int] = field(default_factory=list)
+    groups: list[TrajectoryGroup] = field(default_factory=list)
+    advantages: list[list[float]] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+
+
+class Trainer:
+    """Collects groups into a step's batch, trains, hands the step to the syncer."""
+
+    def __init__(self, cfg: RLConfig, client: Any, reference: Any, shared: _Shared) -> None:
+        from asyncrl.trainer.losses import LossConfig, make_loss_fn
+
+        self.cfg = cfg
+        self.client = client
+        self.reference = reference
+        self.shared = shared
+        loss = cfg.loss
+        self.loss_fn = first_minibatch(
+            make_loss_fn(
+                LossConfig(
+                    name=loss.name,  # type: ignore[arg-type]
+                    eps_clip=loss.eps_clip,
+                    eps_clip_high=loss.eps_clip_high,
+                    tis_cap=loss.tis_cap,
+                    normalization=loss.normalization,  # type: ignore[arg-type]
+                    kl_beta=cfg.kl_beta,
+                )
+            )
+        )
+
+    def accept(self, result: _GroupResult, batch: _Batch) -> None:
+        """Route one finished group: failed, stale, filtered, or into the batch."""
+        from asyncrl.trainer.advantages import grpo_advantages
+
+        shared, gate = self.shared, self.shared.gate
+        if result.group is None:
+            gate.on_failed()
+            shared.ledger.finish(result.index)
+            shared.counters.failed += 1
+            return
+        gate.on_sampled()
+        version = result.group.oldest_version
+        if gate.is_too_stale(version, self.client.step):
+            gate.on_stale()
+            shared.ledger.give_back(result.index)
+            shared.counters.stale += 1
+            return
+        adv = grpo_advantages(result.group.rewards)
+        if adv is None:
+            gate.on_filtered()
+            shared.ledger.finish(result.index)
+            shared.counters.filtered += 1
+            return
+        batch.indices.append(result.index)
+        batch.groups.append(result.group)
+        batch.advantages.append(adv)
+        batch.offsets.append(self.client.step - version)
+
+    async def collect(self, results: ObjectReceiveStream[_GroupResult]) -> _Batch:
+        batch = _Batch()
+        while len(batch.groups) < self.cfg.prompt_groups_per_step:
+            self.accept(await results.receive(), batch)
+            self.shared.pulse()
+        return batch
+
+    async def train(self, batch: _Batch) -> dict[str, float]:
+        from asyncrl.trainer.types import AdamParams, Datum
+
+        datums = [
+            traj.to_datum(adv, self.cfg.max_context_len)
+            for group, advs in zip(batch.groups, batch.advantages, strict=True)
+            for traj, adv in zip(group.trajectories, advs, strict=True)
+        ]
+        ref = await self.reference.forward(datums)
+        datums = [
+            Datum(d.model_input, {**d.loss_fn_inputs, "ref_logprobs": r})
+            for d, r in zip(datums, ref, strict=True)
+        ]
+        out = await self.client.forward_backward_custom(datums, self.loss_fn)
+        opt = await self.client.optim_step(
+            AdamParams(learning_rate=self.cfg.learning_rate, grad_clip_norm=self.cfg.grad_clip_norm)
+        )
+        for index in batch.indices:
+            self.shared.ledger.finish(index)
+        return _step_metrics(out, opt, batch, datums)
+
+
+def _step_metrics(out: Any, opt: Any, batch: _Batch, datums: Sequence[Any]) -> dict[str, float]:
+    rewards = [t.reward for g in batch.groups for t in g.trajectories]
+    trajs = [t for g in batch.groups for t in g.trajectories]
+    metrics = {f"train/{k}": v for k, v in out.metrics.items()}
+    metrics.update(
+        {
+            "train/grad_norm": opt.metrics["grad_norm"],
+            "train/learning_rate": opt.metrics["learning_rate"],
+            "rollout/reward_mean": statistics.fmean(rewards),
+            "rollout/reward_std": statistics.pstdev(rewards),
+            "rollout/completion_tokens_mean": statistics.fmean(t.num_generated for t in trajs),
+            "rollout/truncated_frac": statistics.fmean(
+                any(turn.finish_reason == "length" for turn in t.turns) for t in trajs
+            ),
+            "async/version_offset_mean": statistics.fmean(batch.offsets),
+            "async/version_offset_max": max(batch.offsets),
+            "train/trained_tokens": float(sum(float(d.tensor("weights").sum()) for d in datums)),
+        }
+    )
+    return metrics
+
+
+# ---------------------------------------------------------------------------------- run
+async def _admitter(shared: _Shared, rows: list[Row], work: ObjectSendStream[Any]) -> None:
+    async with work:
+        while True:
+            if shared.gate.can_admit() and shared.ledger.has_pending():
+                _, index = shared.ledger.take()
+                shared.gate.admit()
+                await work.send((index, rows[index]))
+                continue
+            t0 = time.perf_counter()
+            await shared.wait_changed()
+            shared.counters.rollout_wait_s += time.perf_counter() - t0
+
+
+async def _actor(
+    rollouts: Rollouts,
+    work: ObjectReceiveStream[Any],
+    results: ObjectSendStream[_GroupResult],
+) -> None:
+    async with work, results:
+        async for index, row in work:
+            out = await rollouts.group(row)
+            if isinstance(out, SampleFailure):
+                await results.send(_GroupResult(index, row, None, out))
+            else:
+                await results.send(_GroupResult(index, row, out, None))
+
+
+def _fresh_name(root: Path, name: str) -> str:
+    candidate, k = name, 1
+    while (root / candidate).exists() or (root / f"{candidate}-base").exists():
+        candidate, k = f"{name}-r{k}", k + 1
+    return candidate
+
+
+async def evaluate(
+    sampler: Any,
+    renderer: Any,
+    reward_fn: Any,
+    rows: Sequence[Row],
+    *,
+    n: int,
+    max_tokens: int,
+    temperature: float,
+) -> float:
+    """Mean reward of ``n`` samples per row (held-out evaluation)."""
+    scores: list[float] = []
+
+    async def one(row: Row) -> None:
+        prompt = renderer.build_generation_prompt(row.messages())
+        outs = await sampler.sample_with_prompt_tokens(
+            prompt, n, max_tokens, temperature, stop_token_ids=renderer.stop_token_ids
+        )
+        for c in outs:
+            value = reward_fn(c, row)
+            scores.append(check_reward(await value if hasattr(value, "__await__") else value))
+
+    async with anyio.create_task_group() as tg:
+        for row in rows:
+            tg.start_soon(one, row)
+    return statistics.fmean(scores)
+
+
+async def run(
+    cfg: RLConfig,
+    *,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
+    """Run the async RL loop to ``cfg.max_steps`` (resuming from ``cfg.log_path`` if possible)."""
+    from transformers import AutoTokenizer
+
+    from asyncrl.metrics import MetricsWriter
+    from asyncrl.rollout.renderers import renderer_for
+    from asyncrl.rollout.sampler import DeploymentSampler
+    from asyncrl.sync.deployment import DeploymentConfig, DeploymentManager
+    from asyncrl.sync.syncer import WeightSyncer
+    from asyncrl.trainer.client import TrainingClient
+
+    rows = load_rows(cfg.dataset)
+    eval_rows = load_rows(cfg.eval_rows) if cfg.eval_rows else []
+    log_path = cfg.log_path
+    log_path.mkdir(parents=True, exist_ok=True)
+    renderer = renderer_for(
+        await anyio.to_thread.run_sync(AutoTokenizer.from_pretrained, cfg.base_model)
+    )
+    client = await anyio.to_thread.run_sync(
+        lambda: TrainingClient.from_pretrained(
+            cfg.base_model, seed=cfg.seed, checkpoint_dir=log_path / "checkpoints"
+        )
+    )
+    reference = client.create_reference()
+    ckpt = TrainingCheckpoints(client, log_path)
+    resumed = await ckpt.resume()
+    if resumed is None and cfg.init_from_checkpoint:
+        await ckpt.init_from(cfg.init_from_checkpoint)
+    ledger = RowLedger.from_state(len(rows), resumed.data) if resumed else RowLedger(len(rows))
+    step0 = client.step
+    # the gate counts groups since step 0: a resumed run has consumed step0 steps' worth
+    gate = AdmissionGate(
+        cfg.prompt_groups_per_step,
+        cfg.max_head_offpolicy_versions,
+        published_version=step0,
+        accepted=step0 * cfg.prompt_groups_per_step,
+    )
+    shared = _Shared(gate, ledger)
+    metrics_writer = MetricsWriter(log_path)
+    summary = RunSummary(log_path, step0, resumed.name if resumed else None, None, None)
+
+    async with DeploymentManager() as mgr:
+        if cfg.deployment_url:
+            deployment = await mgr.attach(cfg.deployment_url, served_model_name=POLICY_MODEL_NAME)
+        else:
+            deployment = await mgr.create_or_get(
+                DeploymentConfig(
+                    model_dir=cfg.base_model,
+                    snapshot_root=client.sampler_root,
+                    log_dir=log_path / "deployment",
+                    max_model_len=cfg.max_context_len,
+                    served_model_name=POLICY_MODEL_NAME,
+                )
+            )
+        ws = cfg.weight_sync
+        syncer = WeightSyncer(
+            client,
+            mgr,
+            deployment,
+            first_checkpoint_type="base",
+            warmup_after_hotload=ws.warmup_after_hotload,
+            reset_prompt_cache=ws.reset_prompt_cache,
+            inflight=ws.inflight,
+        )
+        await syncer.save_and_hotload(_fresh_name(client.sampler_root, f"step-{step0}"))
+        async with DeploymentSampler(
+            deployment.base_url,
+            POLICY_MODEL_NAME,
+            max_context_len=cfg.max_context_len,
+            policy_version_fn=lambda: shared.version,
+        ) as sampler:
+            if eval_rows:
+                summary.eval_before = await evaluate(
+                    sampler,
+                    renderer,
+                    cfg.reward_fn or _no_eval,
+                    eval_rows,
+                    n=4,
+                    max_tokens=cfg.max_tokens,
+                    temperature=cfg.temperature,
+                )
+                log.info("eval", when="before", reward_mean=summary.eval_before)
+            rollouts = Rollouts(cfg, sampler, renderer, shared)
+            trainer = Trainer(cfg, client, reference, shared)
+            if step0 >= cfg.max_steps:
+                log.info("already_complete", step=step0, max_steps=cfg.max_steps)
+                summary.final_checkpoint = resumed.name if resumed else None
+            else:
+                await _loop(
+                    cfg,
+                    shared,
+                    rows,
+                    rollouts,
+                    trainer,
+                    syncer,
+                    ckpt,
+                    metrics_writer,
+                    summary,
+                    on_step,
+                )
+            if eval_rows:
+                summary.eval_after = await evaluate(
+                    sampler,
+                    renderer,
+                    cfg.reward_fn or _no_eval,
+                    eval_rows,
+                    n=4,
+                    max_tokens=cfg.max_tokens,
+                    temperature=cfg.temperature,
+                )
+                log.info("eval", when="after", reward_mean=summary.eval_after)
+    await client.aclose()
+    if cfg.output_model_id and summary.final_checkpoint:
+        summary.promoted_model = promote_checkpoint(
+            log_path, cfg.output_model_id, summary.final_checkpoint
+        )
+    return summary
+
+
+def _no_eval(completion: Any, row: Row) -> float:
+    raise TypeError("held-out evaluation needs a reward_fn")
+
+
+async def _loop(
+    cfg: RLConfig,
+    shared: _Shared,
+    rows: list[Row],
+    rollouts: Rollouts,
+    trainer: Trainer,
+    syncer: Any,
+    ckpt: TrainingCheckpoints,
+    metrics_writer: Any,
+    summary: RunSummary,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    work_send, work_recv = anyio.create_memory_object_stream[Any](max_buffer_size=0)
+    res_send, res_recv = anyio.create_memory_object_stream[_GroupResult](
+        max_buffer_size=cfg.prompt_groups_per_step
+    )
+    sync_send, sync_recv = anyio.create_memory_object_stream[Any](max_buffer_size=1)
+    client = trainer.client
+
+    async def trainer_task() -> None:
+        async with sync_send:
+            last = time.perf_counter()
+            while client.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                batch = await trainer.collect(res_recv)
+                wait = time.perf_counter() - t0
+                metrics = await trainer.train(batch)
+                now = time.perf_counter()
+                metrics.update({"perf/train_wait_time": wait, "perf/step_time": now - last})
+                metrics["perf/tokens_per_s"] = metrics["train/trained_tokens"] / (now - last)
+                last = now
+                queued = anyio.Event()
+                await sync_send.send((client.step, metrics, queued, shared.ledger.state()))
+                await queued.wait()  # the snapshot is queued before our next step's work
+
+    async def syncer_task() -> None:
+        async with sync_recv:
+            async for step, metrics, queued, data in sync_recv:
+                name = _fresh_name(client.sampler_root, f"step-{step}")
+                await syncer.save_and_hotload(name, after_submit=queued.set)
+                timing = syncer.last_timing
+                metrics.update(
+                    {
+                        "perf/weight_sync_time": timing.total_s,
+                        "sync/bytes": timing.nbytes,
+                        "sync/is_delta": float(timing.kind == "delta"),
+                        **shared.counters.take(),
+                    }
+                )
+                interval = cfg.weight_sync.dcp_save_interval
+                if interval and step % interval == 0 and step < cfg.max_steps:
+                    await ckpt.save(
+                        f"step-{step}",
+                        resumable=True,
+                        promotable=False,
+                        data_consumed=data,
+                        step=step,
+                    )
+                shared.gate.on_published(step)
+                shared.pulse()
+                await metrics_writer.write(step, metrics)
+                summary.metrics.append({"step": step, **metrics})
+                summary.steps = step
+                if on_step is not None:
+                    on_step({"step": step, **metrics})
+                if step >= cfg.max_steps:
+                    name = f"step-{step}"
+                    await ckpt.save(
+                        name, resumable=True, promotable=True, data_consumed=data, step=step
+                    )
+                    summary.final_checkpoint = name
+        tg.cancel_scope.cancel()  # the trainer is done: stop admitter and actors
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(trainer_task)
+        tg.start_soon(syncer_task)
+        tg.start_soon(_admitter, shared, rows, work_send)
+        async with work_recv, res_send:
+            for _ in range(cfg.rollout_workers):
+                tg.start_soon(_actor, rollouts, work_recv.clone(), res_send.clone())
+
+
+def main(cfg: RLConfig) -> RunSummary:
+    """Run the loop to completion (blocking); rerun with the same log_path to resume."""
+    summary = anyio.run(run, cfg)
+    if not all(
+        math.isfinite(v) for m in summary.metrics for v in m.values() if isinstance(v, float)
+    ):
+        log.warning("nonfinite_metrics", log_path=str(summary.log_path))
+    return summary

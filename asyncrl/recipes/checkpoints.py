@@ -1,0 +1,240 @@
+"""TrainingCheckpoints: save / resume / list / promote, the cookbook's checkpoint surface.
+
+Layout under ``log_path``:
+    checkpoints/states/<name>/     DCP train state (resumable, not promotable)
+    checkpoints/sampler/<name>/    sampler snapshot: base (promotable) or delta (neither)
+    dataloader.json                checkpoint name -> step and row accounting (data_consumed)
+    models/<output_model_id>/      promoted HF model directories
+
+Invariants:
+- ``dataloader.json`` is rewritten atomically and only AFTER the checkpoint it describes is
+  complete, so a resume never points at a half-written state.
+- Resume picks the newest resumable checkpoint that has both a complete DCP state and a
+  dataloader entry.
+- Kinds follow the seeds' table: DCP = resumable, not promotable; base = promotable;
+  delta = neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from asyncrl.config import validate_output_model_id
+from asyncrl.errors import CheckpointError
+from asyncrl.logging import get_logger
+from asyncrl.trainer import state as train_state
+
+__all__ = [
+    "CheckpointInfo",
+    "ResumeInfo",
+    "TrainingCheckpoints",
+    "list_checkpoints",
+    "promote_checkpoint",
+]
+
+log = get_logger("asyncrl.checkpoints")
+DATALOADER = "dataloader.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    step: int | None
+    kind: str  # "train_state" | "sampler_base" | "sampler_delta"
+    resumable: bool
+    promotable: bool
+    path: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ResumeInfo:
+    name: str
+    step: int
+    data: dict[str, Any]
+
+
+def _dataloader_path(log_path: Path) -> Path:
+    return log_path / DATALOADER
+
+
+def read_dataloader(log_path: Path) -> dict[str, Any]:
+    path = _dataloader_path(log_path)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class TrainingCheckpoints:
+    """Thin layer over the client's save_state / save_weights_for_sampler_ext."""
+
+    def __init__(self, client: Any, log_path: str | Path) -> None:
+        self.client = client
+        self.log_path = Path(log_path)
+
+    async def save(
+        self,
+        name: str,
+        *,
+        resumable: bool,
+        promotable: bool,
+        data_consumed: dict[str, Any],
+        step: int,
+    ) -> None:
+        """Write a DCP state (resumable) and/or a base snapshot (promotable), then record
+        ``data_consumed`` under ``name`` in dataloader.json."""
+        if not (resumable or promotable):
+            raise CheckpointError("a checkpoint must be resumable, promotable or both")
+        entry: dict[str, Any] = {"step": step, "created_at": time.time(), **data_consumed}
+        if resumable:
+            entry["state_path"] = str(await self.client.save_state(name))
+        if promotable:
+            base = self.client.sampler_root / f"{name}-base"
+            if not base.exists():
+                await self.client.save_weights_for_sampler_ext(f"{name}-base", "base")
+            entry["sampler_path"] = str(base)
+        entry.update(resumable=resumable, promotable=promotable)
+        data = read_dataloader(self.log_path)
+        data[name] = entry
+        self.log_path.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(_dataloader_path(self.log_path), data)
+        log.info(
+            "checkpoint_saved",
+            name=name,
+            step=step,
+            resumable=resumable,
+            promotable=promotable,
+            data_consumed=entry.get("data_consumed"),
+        )
+
+    def find_resumable(self) -> ResumeInfo | None:
+        """Newest checkpoint with a complete DCP state and a dataloader entry."""
+        best: ResumeInfo | None = None
+        for name, entry in read_dataloader(self.log_path).items():
+            if not entry.get("resumable") or "state_path" not in entry:
+                continue
+            try:
+                info = train_state.read_state_info(entry["state_path"])
+            except CheckpointError:
+                log.warning("checkpoint_unusable", name=name, path=entry["state_path"])
+                continue
+            if best is None or info.step > best.step:
+                best = ResumeInfo(name=name, step=info.step, data=entry)
+        return best
+
+    async def resume(self) -> ResumeInfo | None:
+        """Load the newest resumable checkpoint (weights, optimizer, step, RNG), if any."""
+        info = self.find_resumable()
+        if info is None:
+            return None
+        await self.client.load_state_with_optimizer(info.data["state_path"])
+        log.info(
+            "resumed", name=info.name, step=info.step, data_consumed=info.data.get("data_consumed")
+        )
+        return info
+
+    async def init_from(self, ref: str) -> str:
+        """``"RUN_LOG_PATH:CHECKPOINT"``: another run's weights + optimizer; step reset to 0."""
+        run, _, name = ref.rpartition(":")
+        path = Path(run) / "checkpoints" / "states" / name
+        await self.client.load_state_with_optimizer(path)
+        await self.client.set_step(0)
+        log.info("initialized_from_checkpoint", source=str(path))
+        return str(path)
+
+
+def list_checkpoints(log_path: str | Path) -> list[CheckpointInfo]:
+    """Every checkpoint under ``log_path``: train states and sampler snapshots."""
+    from asyncrl.sync.snapshot import read_manifest
+
+    log_path = Path(log_path)
+    steps = {n: e.get("step") for n, e in read_dataloader(log_path).items()}
+    out: list[CheckpointInfo] = []
+    for info in train_state.list_states(log_path / "checkpoints" / "states"):
+        out.append(
+            CheckpointInfo(
+                info.name, info.step, "train_state", True, False, str(info.path), info.created_at
+            )
+        )
+    sampler = log_path / "checkpoints" / "sampler"
+    for child in sorted(sampler.iterdir()) if sampler.is_dir() else []:
+        if child.name.startswith("."):
+            continue
+        try:
+            manifest = read_manifest(child)
+        except Exception:
+            continue
+        base = manifest.kind == "base"
+        step = steps.get(child.name.removesuffix("-base"), _step_of(child.name))
+        out.append(
+            CheckpointInfo(
+                child.name,
+                step,
+                f"sampler_{manifest.kind}",
+                False,
+                base,
+                str(child),
+                manifest.created_at,
+            )
+        )
+    return sorted(out, key=lambda c: (c.created_at, c.name))
+
+
+def _step_of(name: str) -> int | None:
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "step" and parts[1].isdigit() else None
+
+
+def promote_checkpoint(
+    log_path: str | Path, output_model_id: str, checkpoint_name: str | None = None
+) -> Path:
+    """Copy a promotable (base) snapshot to ``log_path/models/output_model_id`` as an HF dir."""
+    validate_output_model_id(output_model_id)
+    promotable = [c for c in list_checkpoints(log_path) if c.promotable]
+    if checkpoint_name is not None:
+        chosen = [c for c in promotable if c.name in (checkpoint_name, f"{checkpoint_name}-base")]
+        if not chosen:
+            kinds = {c.name: c.kind for c in list_checkpoints(log_path)}
+            why = f"it is a {kinds[checkpoint_name]}" if checkpoint_name in kinds else "not found"
+            raise CheckpointError(
+                f"checkpoint {checkpoint_name!r} is not promotable ({why}); "
+                f"promotable: {[c.name for c in promotable]}"
+            )
+    else:
+        chosen = promotable[-1:]
+        if not chosen:
+            raise CheckpointError(f"no promotable checkpoint under {log_path}")
+    source = Path(chosen[0].path)
+    target = Path(log_path) / "models" / output_model_id
+    if target.exists():
+        raise CheckpointError(f"{target} already exists; choose another output_model_id")
+    tmp = target.with_name(f".tmp-{output_model_id}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    (tmp / "asyncrl_promoted.json").write_text(
+        json.dumps({"source": str(source), **asdict(chosen[0])}, indent=1)
+    )
+    tmp.rename(target)
+    log.info("checkpoint_promoted", source=str(source), model_dir=str(target))
+    return target
