@@ -1,0 +1,579 @@
+"""Sampler snapshots: base + XOR delta files, verified byte-exact round trips and corruption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from asyncrl.errors import ChecksumError, DeltaChainError, IdentityMismatchError, SnapshotError
+from asyncrl.sync import snapshot as snap
+from asyncrl.sync.snapshot import (
+    DELTA_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    HostSnapshot,
+    apply_snapshot,
+    changed_layer_groups,
+    encode_naive_delta,
+    encode_tensor_delta,
+    from_torch,
+    list_snapshots,
+    make_host_snapshot,
+    read_manifest,
+    to_torch,
+    write_base,
+    write_delta,
+)
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+Weights = dict[str, torch.Tensor]
+Chain = tuple[Path, Weights, HostSnapshot, Weights]
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern of a tensor (so NaNs and -0.0 compare exactly)."""
+    return t.contiguous().view(_INT_VIEW[t.element_size()])
+
+
+def assert_same_bytes(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert got[name].shape == want[name].shape, name
+        assert torch.equal(bits(got[name]), bits(want[name])), name
+
+
+def snapshot_bytes(snapshot: HostSnapshot) -> dict[str, bytes]:
+    return {name: raw.data.tobytes() for name, raw in snapshot.tensors.items()}
+
+
+def model(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.bfloat16) -> Weights:
+    g = torch.Generator().manual_seed(seed)
+    out = {"model.embed_tokens.weight": torch.randn(32, 8, generator=g).to(dtype)}
+    for i in range(layers):
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"):
+            out[f"model.layers.{i}.{part}.weight"] = torch.randn(8, 8, generator=g).to(dtype)
+        out[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(8, dtype=dtype)
+    out["model.norm.weight"] = torch.ones(8, dtype=dtype)
+    out["lm_head.weight"] = torch.randn(32, 8, generator=g).to(dtype)
+    return out
+
+
+def nudge(tensors: Weights, names: list[str], lr: float = 1e-2) -> Weights:
+    out = {k: v.clone() for k, v in tensors.items()}
+    for name in names:
+        out[name] = (out[name].float() + lr * torch.sign(torch.randn(out[name].shape))).to(
+            out[name].dtype
+        )
+    return out
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Chain:
+    """root with base ``b0`` and delta ``d1`` on it; returns (root, w0, base host, w1)."""
+    w0 = model()
+    _, host0 = write_base(tmp_path, "b0", w0)
+    w1 = nudge(w0, ["model.layers.0.self_attn.q_proj.weight", "lm_head.weight"])
+    write_delta(tmp_path, "d1", w1, host0)
+    return tmp_path, w0, host0, w1
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: base -> delta -> delta reproduces exact bytes and identities
+
+
+@st.composite
+def perturbed_models(draw: st.DrawFn) -> tuple[list[Weights], int]:
+    n_tensors = draw(st.integers(1, 4))
+    shapes = [
+        tuple(draw(st.lists(st.integers(0, 13), min_size=0, max_size=3)))
+        for _ in range(n_tensors)
+    ]
+    dtypes = [draw(st.sampled_from(DTYPES)) for _ in range(n_tensors)]
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    w = {
+        f"model.layers.{i}.w": torch.from_numpy(np.asarray(rng.standard_normal(s), np.float32))
+        .to(d)
+        for i, (s, d) in enumerate(zip(shapes, dtypes, strict=True))
+    }
+    if draw(st.booleans()) and w["model.layers.0.w"].numel() > 0:
+        w["model.layers.0.w"].view(-1)[0] = float("nan")
+    versions = [w]
+    for _ in range(2):
+        prev, cur = versions[-1], {}
+        for name, t in prev.items():
+            mode = draw(st.sampled_from(["same", "sparse", "dense", "tiny"]))
+            x = t.float().numpy().copy()
+            if mode == "sparse":
+                mask = rng.random(x.shape) < 0.1
+                x = x + mask * rng.standard_normal(x.shape).astype(np.float32)
+            elif mode == "dense":
+                x = x + rng.standard_normal(x.shape).astype(np.float32)
+            elif mode == "tiny":
+                x = x * (1 + 1e-3 * rng.standard_normal(x.shape).astype(np.float32))
+            new = torch.from_numpy(np.asarray(x, np.float32)).to(t.dtype)
+            cur[name] = t.clone() if mode == "same" else new
+        versions.append(cur)
+    return versions, draw(st.sampled_from([1, 3]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(perturbed_models())
+def test_base_delta_delta_round_trip_is_byte_exact(case: tuple[list[Weights], int]) -> None:
+    versions, level = case
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _, written = write_base(root, "v0", versions[0])
+        loaded = apply_snapshot(root / "v0", None)
+        assert loaded.snapshot.identity == written.identity
+        assert_same_bytes(to_torch(loaded.snapshot), versions[0])
+        for i in (1, 2):
+            manifest, written = write_delta(root, f"v{i}", versions[i], written, level=level)
+            expected_changed = [
+                n for n in sorted(versions[i])
+                if not torch.equal(bits(versions[i][n]), bits(versions[i - 1][n]))
+            ]
+            assert manifest.changed == expected_changed  # unchanged tensors carry no blob
+            loaded = apply_snapshot(root / f"v{i}", loaded.snapshot)
+            assert list(loaded.changed) == expected_changed
+            assert loaded.snapshot.identity == written.identity == manifest.snapshot_identity
+            assert_same_bytes(to_torch(loaded.snapshot), versions[i])
+            # equal weights -> equal identity, whatever the name or kind
+            _, rebased = write_base(root, f"base{i}", versions[i])
+            assert rebased.identity == loaded.snapshot.identity
+
+
+def test_identity_depends_on_content_only() -> None:
+    a = make_host_snapshot(from_torch(model(seed=0)))
+    b = make_host_snapshot(from_torch(model(seed=0)))
+    c = make_host_snapshot(from_torch(model(seed=1)))
+    assert a.identity == b.identity != c.identity
+    assert len(a.identity) == 32
+    renamed = {("x." + k): v for k, v in model(seed=0).items()}
+    assert make_host_snapshot(from_torch(renamed)).identity != a.identity
+    as_fp16 = make_host_snapshot(from_torch(model(seed=0, dtype=torch.float16)))
+    assert as_fp16.identity != a.identity
+
+
+def test_delta_with_nothing_changed_is_empty_and_keeps_identity(tmp_path: Path) -> None:
+    w0 = model()
+    _, host0 = write_base(tmp_path, "b0", w0)
+    manifest, host1 = write_delta(tmp_path, "d1", {k: v.clone() for k, v in w0.items()}, host0)
+    assert manifest.changed == []
+    assert (tmp_path / "d1" / DELTA_FILE).stat().st_size == 0
+    assert host1.identity == host0.identity
+    loaded = apply_snapshot(tmp_path / "d1", host0)
+    assert loaded.changed == () and loaded.snapshot.identity == host0.identity
+
+
+def test_manifest_records_chain_and_blobs(chain: Chain) -> None:
+    root, _, host0, _ = chain
+    base, delta = read_manifest(root / "b0"), read_manifest(root / "d1")
+    assert (base.kind, base.previous_snapshot_identity) == ("base", None)
+    assert base.snapshot_identity == host0.identity
+    assert delta.kind == "delta" and delta.previous_snapshot_identity == host0.identity
+    assert delta.changed == ["lm_head.weight", "model.layers.0.self_attn.q_proj.weight"]
+    blobs = [e.blob for e in delta.tensors if e.blob is not None]
+    assert sum(b.length for b in blobs) == (root / "d1" / DELTA_FILE).stat().st_size
+    raw = json.loads((root / "d1" / MANIFEST_FILE).read_text())
+    assert raw["format_version"] == 1 and raw["compression"]["codec"] == "zstd"
+
+
+def test_base_records_given_previous_identity_as_lineage(tmp_path: Path) -> None:
+    manifest, _ = write_base(tmp_path, "b", model(), previous_identity="f" * 32)
+    assert read_manifest(tmp_path / "b").previous_snapshot_identity == "f" * 32
+    assert apply_snapshot(tmp_path / "b", None).snapshot.identity == manifest.snapshot_identity
+
+
+# ---------------------------------------------------------------------------------------------
+# Base directory is a real safetensors model
+
+
+def test_base_loads_with_safetensors(tmp_path: Path) -> None:
+    w = model()
+    w["scalar"] = torch.tensor(3.5, dtype=torch.float32)
+    w["empty"] = torch.zeros(0, 4, dtype=torch.float16)
+    write_base(tmp_path, "b", w)
+    loaded = load_file(tmp_path / "b" / WEIGHTS_FILE)
+    assert_same_bytes(loaded, w)
+    with safe_open(tmp_path / "b" / WEIGHTS_FILE, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_extra_files_are_copied(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "qwen2"}')
+    write_base(tmp_path / "snaps", "b", model(), extra_files={"config.json": config})
+    assert (tmp_path / "snaps" / "b" / "config.json").read_text() == config.read_text()
+    with pytest.raises(SnapshotError):
+        write_base(tmp_path / "snaps", "c", model(), extra_files={WEIGHTS_FILE: config})
+    with pytest.raises(SnapshotError):
+        write_base(tmp_path / "snaps", "d", model(), extra_files={"../x.json": config})
+    assert list_snapshots(tmp_path / "snaps") == ["b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chain errors
+
+
+def test_delta_without_current_is_a_chain_error(chain: Chain) -> None:
+    root = chain[0]
+    with pytest.raises(DeltaChainError):
+        apply_snapshot(root / "d1", None)
+
+
+def test_delta_on_wrong_identity_names_both(chain: Chain) -> None:
+    root, w0, host0, _ = chain
+    other = make_host_snapshot(from_torch(nudge(w0, ["model.norm.weight"])))
+    with pytest.raises(IdentityMismatchError) as info:
+        apply_snapshot(root / "d1", other)
+    assert host0.identity in str(info.value) and other.identity in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["add", "remove", "reshape", "retype"],
+)
+def test_delta_of_a_different_tensor_set_needs_a_base(tmp_path: Path, change: str) -> None:
+    w0 = model()
+    _, host0 = write_base(tmp_path, "b0", w0)
+    w1 = dict(w0)
+    if change == "add":
+        w1["model.extra.weight"] = torch.ones(3)
+    elif change == "remove":
+        del w1["lm_head.weight"]
+    elif change == "reshape":
+        w1["lm_head.weight"] = w1["lm_head.weight"].reshape(8, 32)
+    else:
+        w1["lm_head.weight"] = w1["lm_head.weight"].float()
+    with pytest.raises(DeltaChainError):
+        write_delta(tmp_path, "d1", w1, host0)
+    assert list_snapshots(tmp_path) == ["b0"]
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Corruption: always an error, and the held snapshot is untouched
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def edit_manifest(path: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    obj = json.loads((path / MANIFEST_FILE).read_text())
+    edit(obj)
+    (path / MANIFEST_FILE).write_text(json.dumps(obj))
+
+
+def changed_entry(obj: dict[str, Any]) -> dict[str, Any]:
+    return next(e for e in obj["tensors"] if "blob" in e)
+
+
+CORRUPTIONS = {
+    "truncate_delta": lambda d: (d / DELTA_FILE).write_bytes((d / DELTA_FILE).read_bytes()[:-3]),
+    "extend_delta": lambda d: (d / DELTA_FILE).write_bytes((d / DELTA_FILE).read_bytes() + b"x"),
+    "flip_delta_first": lambda d: flip_byte(d / DELTA_FILE, 0),
+    "flip_delta_last": lambda d: flip_byte(d / DELTA_FILE, (d / DELTA_FILE).stat().st_size - 1),
+    "delete_delta": lambda d: (d / DELTA_FILE).unlink(),
+    "edit_result_checksum": lambda d: edit_manifest(
+        d, lambda o: changed_entry(o).update(checksum="0" * 32)
+    ),
+    "edit_blob_checksum": lambda d: edit_manifest(
+        d, lambda o: changed_entry(o)["blob"].update(checksum="0" * 32)
+    ),
+    "edit_identity": lambda d: edit_manifest(d, lambda o: o.update(snapshot_identity="0" * 32)),
+    "drop_blob": lambda d: edit_manifest(d, lambda o: changed_entry(o).pop("blob")),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_delta_raises_and_leaves_current(chain: Chain, corruption: str) -> None:
+    root, _, host0, _ = chain
+    before = snapshot_bytes(host0)
+    CORRUPTIONS[corruption](root / "d1")
+    with pytest.raises(SnapshotError):
+        apply_snapshot(root / "d1", host0)
+    assert snapshot_bytes(host0) == before
+    assert make_host_snapshot(dict(host0.tensors)).identity == host0.identity
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_delta_data_is_a_checksum_error(chain: Chain, corruption: str) -> None:
+    root, _, host0, _ = chain
+    CORRUPTIONS[corruption](root / "d1")
+    with pytest.raises(ChecksumError):
+        apply_snapshot(root / "d1", host0)
+
+
+def test_flipped_byte_anywhere_in_safetensors_is_detected(chain: Chain) -> None:
+    root = chain[0]
+    path = root / "b0" / WEIGHTS_FILE
+    size = path.stat().st_size
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    for offset in (0, 9, 8 + header_len - 1, 8 + header_len, size // 2, size - 1):
+        copy = root / f"b0-flip{offset}"
+        shutil.copytree(root / "b0", copy)
+        flip_byte(copy / WEIGHTS_FILE, offset)
+        with pytest.raises(ChecksumError):
+            apply_snapshot(copy, None)
+
+
+def test_truncated_safetensors_is_detected(chain: Chain) -> None:
+    path = chain[0] / "b0" / WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ChecksumError, match="bytes"):
+        apply_snapshot(chain[0] / "b0", None)
+
+
+@pytest.mark.parametrize("field", ["checksum", "snapshot_identity"])
+def test_edited_base_manifest_is_detected(chain: Chain, field: str) -> None:
+    root = chain[0]
+    if field == "checksum":
+        edit_manifest(root / "b0", lambda o: o["tensors"][0].update(checksum="0" * 32))
+    else:
+        edit_manifest(root / "b0", lambda o: o.update(snapshot_identity="0" * 32))
+    with pytest.raises(ChecksumError):
+        apply_snapshot(root / "b0", None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "{", "[]", '{"format": "asyncrl-snapshot"}', '{"format": "other", "format_version": 1}'],
+)
+def test_unparsable_manifest_is_a_snapshot_error(chain: Chain, text: str) -> None:
+    root, _, host0, _ = chain
+    (root / "d1" / MANIFEST_FILE).write_text(text)
+    with pytest.raises(SnapshotError):
+        read_manifest(root / "d1")
+    with pytest.raises(SnapshotError):
+        apply_snapshot(root / "d1", host0)
+
+
+def test_unsupported_format_version_is_refused(chain: Chain) -> None:
+    root = chain[0]
+    edit_manifest(root / "b0", lambda o: o.update(format_version=99))
+    with pytest.raises(SnapshotError, match="format_version"):
+        read_manifest(root / "b0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes, names, temp dirs
+
+
+def test_temp_dirs_are_neither_listed_nor_loaded(chain: Chain) -> None:
+    root = chain[0]
+    shutil.copytree(root / "b0", root / ".tmp-b9-1234")
+    (root / "no-manifest").mkdir()
+    assert list_snapshots(root) == ["b0", "d1"]
+    with pytest.raises(SnapshotError):
+        apply_snapshot(root / ".tmp-b9-1234", None)
+    with pytest.raises(SnapshotError):
+        apply_snapshot(root / "no-manifest", None)
+    assert snap.remove_stale_temp_dirs(root) == [".tmp-b9-1234"]
+    assert not (root / ".tmp-b9-1234").exists()
+
+
+def test_existing_snapshot_is_never_overwritten(chain: Chain) -> None:
+    root, _, host0, w1 = chain
+    before = (root / "b0" / MANIFEST_FILE).read_bytes()
+    with pytest.raises(SnapshotError, match="already exists"):
+        write_base(root, "b0", w1)
+    with pytest.raises(SnapshotError, match="already exists"):
+        write_delta(root, "b0", w1, host0)
+    assert (root / "b0" / MANIFEST_FILE).read_bytes() == before
+    assert apply_snapshot(root / "b0", None).snapshot.identity == host0.identity
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../up", ".hidden", "a\\b", "/abs"])
+def test_bad_names_are_rejected(tmp_path: Path, name: str) -> None:
+    with pytest.raises(SnapshotError):
+        write_base(tmp_path / "root", name, model())
+    assert not (tmp_path / "up").exists() and not (tmp_path / "abs").exists()
+    assert list_snapshots(tmp_path / "root") == []
+
+
+def test_crash_mid_write_leaves_nothing_that_looks_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Path] = []
+    real_write = snap._write_safetensors
+
+    def write_then_crash(path: Path, snapshot: HostSnapshot) -> None:
+        real_write(path, snapshot)
+        seen.append(path.parent)
+        assert path.parent.name.startswith(".tmp-")
+        assert not (path.parent / MANIFEST_FILE).exists()  # manifest comes last
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(snap, "_write_safetensors", write_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_base(tmp_path, "b0", model())
+    assert seen and not seen[0].exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("occupant", ["empty-dir", "full-dir"])
+def test_name_taken_during_write_is_not_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, occupant: str
+) -> None:
+    real_write = snap._write_safetensors
+
+    def racing_writer(path: Path, snapshot: HostSnapshot) -> None:
+        real_write(path, snapshot)
+        (tmp_path / "b0").mkdir()  # another writer claims the name meanwhile
+        if occupant == "full-dir":
+            (tmp_path / "b0" / "theirs").write_text("x")
+
+    monkeypatch.setattr(snap, "_write_safetensors", racing_writer)
+    with pytest.raises(SnapshotError, match="already exists"):
+        write_base(tmp_path, "b0", model())
+    assert sorted(p.name for p in (tmp_path / "b0").iterdir()) == (
+        [] if occupant == "empty-dir" else ["theirs"]
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["b0"]
+
+
+def test_rename_failure_leaves_no_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(snap.os, "rename", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        write_base(tmp_path, "b0", model())
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Host bytes ownership and torch helpers
+
+
+def test_host_snapshot_owns_its_bytes(tmp_path: Path) -> None:
+    w0 = model()
+    expected = {k: v.clone() for k, v in w0.items()}
+    _, host0 = write_base(tmp_path, "b0", w0)
+    for t in w0.values():
+        t.add_(1.0)  # the trainer keeps updating its parameters in place
+    assert_same_bytes(to_torch(host0), expected)
+    raw = next(iter(host0.tensors.values()))
+    with pytest.raises(ValueError):
+        raw.data[0] = 1
+
+
+def test_apply_does_not_mutate_current_and_shares_unchanged(chain: Chain) -> None:
+    root, w0, host0, w1 = chain
+    before = snapshot_bytes(host0)
+    loaded = apply_snapshot(root / "d1", host0)
+    assert snapshot_bytes(host0) == before
+    assert_same_bytes(to_torch(host0), w0)
+    assert_same_bytes(to_torch(loaded.snapshot), w1)
+    assert loaded.snapshot.tensors["model.norm.weight"].data is host0.tensors[
+        "model.norm.weight"
+    ].data
+
+
+def test_to_torch_is_zero_copy_and_selects_names() -> None:
+    host = make_host_snapshot(from_torch(model()))
+    name = "model.layers.1.mlp.gate_proj.weight"
+    out = to_torch(host, [name])
+    assert list(out) == [name]
+    assert out[name].dtype == torch.bfloat16 and out[name].shape == (8, 8)
+    assert out[name].data_ptr() == host.tensors[name].data.ctypes.data
+    with pytest.raises(SnapshotError):
+        to_torch(host, ["missing.weight"])
+
+
+def test_from_torch_views_bf16_bytes() -> None:
+    t = torch.tensor([1.0, -2.0], dtype=torch.bfloat16)
+    raw = from_torch({"t": t})["t"]
+    assert raw.dtype == "bfloat16" and raw.shape == (2,)
+    assert raw.data.tobytes() == t.view(torch.int16).numpy().tobytes()
+    with pytest.raises(SnapshotError, match="dtype"):
+        from_torch({"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding helpers
+
+
+def adam_like_pair(n: int = 1 << 20, lr: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(0)
+    master = torch.randn(n, generator=g) * 0.02
+    before = master.bfloat16()
+    after = (master + lr * torch.sign(torch.randn(n, generator=g))).bfloat16()
+    return from_torch({"a": before})["a"].data, from_torch({"a": after})["a"].data
+
+
+def test_naive_delta_round_trips_and_shuffle_compresses_better() -> None:
+    prev, cur = adam_like_pair()
+    naive = encode_naive_delta(prev, cur)
+    restored = np.frombuffer(zstandard.ZstdDecompressor().decompress(naive), np.uint8) ^ prev
+    assert np.array_equal(restored, cur)
+    shuffled = encode_tensor_delta(prev, cur, 2)
+    assert shuffled is not None
+    assert len(shuffled) < 0.9 * len(naive)
+    assert np.array_equal(snap.decode_tensor_delta(shuffled, prev, 2), cur)
+    assert encode_tensor_delta(prev, prev.copy(), 2) is None
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_shuffle_groups_byte_planes(itemsize: int) -> None:
+    data = np.arange(5 * itemsize, dtype=np.uint8)
+    planes = snap.shuffle_bytes(data, itemsize)
+    assert np.array_equal(planes[:5], data[::itemsize])  # first bytes of every element
+    assert np.array_equal(snap.unshuffle_bytes(planes, itemsize), data)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 17])
+def test_xor_handles_unaligned_lengths(n: int) -> None:
+    rng = np.random.default_rng(n)
+    a, b = rng.integers(0, 256, n, dtype=np.uint8), rng.integers(0, 256, n, dtype=np.uint8)
+    assert np.array_equal(snap.xor_bytes(a, b), a ^ b)
+    assert snap.any_nonzero(snap.xor_bytes(a, a)) is False
+    if n:
+        c = a.copy()
+        c[-1] ^= 1
+        assert snap.any_nonzero(snap.xor_bytes(a, c)) is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-layer reload groups
+
+
+def test_changed_layer_groups_reload_whole_layers() -> None:
+    names = list(model(layers=12))
+    groups = changed_layer_groups(
+        ["model.layers.1.self_attn.q_proj.weight", "model.norm.weight"], names
+    )
+    layer1 = [n for n in names if n.startswith("model.layers.1.")]
+    assert len(layer1) == 4
+    assert groups == [*layer1, "model.norm.weight"]
+    assert not any(n.startswith(("model.layers.10.", "model.layers.11.")) for n in groups)
+    assert changed_layer_groups(["lm_head.weight"], names) == ["lm_head.weight"]
+    assert changed_layer_groups([], names) == []
+    two = changed_layer_groups(
+        ["model.layers.11.mlp.gate_proj.weight", "model.layers.0.input_layernorm.weight"], names
+    )
+    assert set(two) == {n for n in names if n.startswith(("model.layers.0.", "model.layers.11."))}
+
+
+def test_changed_layer_groups_rejects_unknown_names() -> None:
+    with pytest.raises(SnapshotError):
+        changed_layer_groups(["model.layers.0.nope"], list(model()))
