@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "SamplingError": "asyncrl.errors",
     "RolloutError": "asyncrl.errors",
     "ClosedResourceError": "asyncrl.errors",
+    "CircuitOpenError": "asyncrl.errors",
 }
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "AsyncRLError",
     "CheckpointError",
     "ChecksumError",
+    "CircuitOpenError",
     "ClosedResourceError",
     "ConfigError",
     "DataError",
@@ -78,6 +80,7 @@ if TYPE_CHECKING:
         AsyncRLError,
         CheckpointError,
         ChecksumError,
+        CircuitOpenError,
         ClosedResourceError,
         ConfigError,
         DataError,

@@ -15,6 +15,7 @@ inherits the builtin a caller would naturally catch, so ``except ValueError`` ke
     ├── DeploymentError(RuntimeError)      vLLM deployment failed to start / died / unhealthy
     │   └── HotloadError                   hotload rejected or failed
     ├── SamplingError(RuntimeError)        sampling request failed (wraps httpx errors)
+    │   └── CircuitOpenError               every deployment's breaker is open
     ├── RolloutError(RuntimeError)         reward / rollout coroutine failed
     └── ClosedResourceError(RuntimeError)  a client / deployment used after aclose()
 """
@@ -68,6 +69,10 @@ class HotloadError(DeploymentError):
 
 class SamplingError(AsyncRLError, RuntimeError):
     """A sampling request failed."""
+
+
+class CircuitOpenError(SamplingError):
+    """Every deployment's circuit breaker is open: the run is failing everywhere."""
 
 
 class RolloutError(AsyncRLError, RuntimeError):

@@ -28,7 +28,7 @@ def test_public_names_are_pinned() -> None:
             "AsyncRLError",
             "CheckpointError",
             "ChecksumError",
-            "ClosedResourceError",
+            "CircuitOpenError", "ClosedResourceError",
             "ConfigError",
             "DataError",
             "DeltaChainError",

@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from asyncrl.errors import ClosedResourceError, ConfigError, SamplingError
+from asyncrl.errors import CircuitOpenError, ClosedResourceError, ConfigError
 
 __all__ = [
     "AIMDWindow",
@@ -56,10 +56,6 @@ __all__ = [
     "make_window",
     "pick_least_in_flight",
 ]
-
-
-class CircuitOpenError(SamplingError):
-    """Every deployment's circuit breaker is open: the run is failing everywhere."""
 
 
 # --------------------------------------------------------------------------- configuration
