@@ -50,7 +50,7 @@ def run_demo(
     from asyncrl.recipes.sft_loop import SFTConfig, run_sft
 
     log_path.mkdir(parents=True, exist_ok=True)
-    train, heldout = tasks.make_reverse_rows(2000, 64, seed=seed, length=(3, 3))
+    train, heldout = tasks.make_reverse_rows(1000, 64, seed=seed, length=(3, 4))
     data = log_path / "data" / "train.jsonl"
     data.parent.mkdir(exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in train))

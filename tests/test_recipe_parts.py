@@ -1,0 +1,111 @@
+"""Pure parts of the RL recipe: dataset loading, row ledger, loss wrapper, checkpoints list."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from asyncrl.errors import CheckpointError, ConfigError, DataError
+from asyncrl.recipes.data import RowLedger, load_rows
+
+
+def test_load_rows_from_jsonl_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "d.jsonl"
+    good.write_text('{"id": "a", "prompt": "x"}\n\n{"prompt": "y"}\n')
+    assert [r.row_id for r in load_rows(good)] == ["a", "1"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\nnot json\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        load_rows(bad)
+    with pytest.raises(DataError, match="does not exist"):
+        load_rows(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="empty"):
+        load_rows([])
+    with pytest.raises(DataError, match="appears more than once"):
+        load_rows([{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}])
+    with pytest.raises(DataError, match="row 1"):
+        load_rows([{"prompt": "x"}, {"prompt": ""}])
+
+
+def test_ledger_each_row_done_exactly_once_with_give_back() -> None:
+    ledger = RowLedger(4)
+    taken = [ledger.take()[1] for _ in range(3)]
+    assert taken == [0, 1, 2]
+    ledger.give_back(1)  # too stale: sampled again, first in line
+    ledger.finish(0)
+    assert ledger.take()[1] == 1
+    for i in (1, 2):
+        ledger.finish(i)
+    assert ledger.take()[1] == 3
+    ledger.finish(3)
+    assert ledger.state()["data_consumed"] == 4
+    epoch, index = ledger.take()  # all done: a new epoch starts
+    assert (epoch, index) == (1, 0)
+
+
+def test_ledger_resume_takes_rows_that_were_in_flight() -> None:
+    ledger = RowLedger(5)
+    for _ in range(4):
+        ledger.take()
+    ledger.finish(0)
+    ledger.finish(2)  # rows 1 and 3 were out (sampled, not trained) when the run stopped
+    resumed = RowLedger.from_state(5, json.loads(json.dumps(ledger.state())))
+    order = [resumed.take()[1] for _ in range(3)]
+    assert order == [1, 3, 4]
+    with pytest.raises(DataError, match="beyond the dataset"):
+        RowLedger.from_state(2, {"done": [5]})
+
+
+def test_first_minibatch_wrapper_makes_ppo_kl_zero() -> None:
+    from asyncrl.recipes.async_rl_loop import first_minibatch
+    from asyncrl.trainer.losses import LossConfig, make_loss_fn
+    from asyncrl.types import Datum, ModelInput
+
+    lp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    d = Datum(ModelInput.from_ints([1, 2, 3]), {
+        "target_tokens": torch.tensor([2, 3, 4]), "weights": torch.tensor([0.0, 1.0, 1.0]),
+        "advantages": torch.tensor([0.0, 1.0, -1.0]),
+        "ref_logprobs": torch.tensor([-1.0, -2.5, -0.4]),
+    })
+    loss, metrics = first_minibatch(make_loss_fn(LossConfig(name="grpo")))([d], [lp])
+    assert metrics["ppo_kl"] == 0.0
+    assert metrics["clip_frac"] == 0.0
+    assert metrics["ref_kld"] > 0
+    loss.backward()
+    assert lp.grad is not None and lp.grad[1] < 0 < lp.grad[2]
+
+
+def test_rl_config_validation_names_fields(tmp_path: Path) -> None:
+    from asyncrl.config import RLConfig, load_rl_config
+
+    base = {"log_path": str(tmp_path), "base_model": str(tmp_path), "dataset": [{"prompt": "x"}]}
+    with pytest.raises(ConfigError, match="exactly one of reward_fn or rollout_fn"):
+        RLConfig(**base)
+    ok = load_rl_config({**base, "reward_fn": "asyncrl.recipes.tasks:reverse_reward"})
+    assert callable(ok.reward_fn)
+    cases = {
+        "completions_per_prompt": (1, "completions_per_prompt"),
+        "max_head_offpolicy_versions": (-1, "max_head_offpolicy_versions"),
+        "output_model_id": ("Bad_Name", "output_model_id"),
+        "loss": ({"name": "dpo"}, "unknown loss 'dpo'"),
+        "weight_sync": ({"dcp_save_interval": -2}, "dcp_save_interval"),
+        "reward_fn": ("nope:missing", "cannot import"),
+        "init_from_checkpoint": ("no-colon", "init_from_checkpoint"),
+    }
+    for key, (value, match) in cases.items():
+        data = {**base, "reward_fn": len, key: value}
+        with pytest.raises(ConfigError, match=match):
+            RLConfig(**data)
+
+
+def test_promote_rejects_bad_ids_and_missing_checkpoints(tmp_path: Path) -> None:
+    from asyncrl.recipes.checkpoints import list_checkpoints, promote_checkpoint
+
+    with pytest.raises(ConfigError, match="output_model_id"):
+        promote_checkpoint(tmp_path, "-bad-")
+    with pytest.raises(CheckpointError, match="no promotable checkpoint"):
+        promote_checkpoint(tmp_path, "good-id")
+    assert list_checkpoints(tmp_path) == []
