@@ -12,3 +12,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from asyncrl.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
+
+# real vLLM server fixtures (session-scoped, started on first use, always stopped)
+from vllm_fixtures import *  # noqa: E402, F403

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,10 @@ def save_dcp_state(
     states_root.mkdir(parents=True, exist_ok=True)
     tmp = states_root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     try:
-        dcp.save(state, checkpoint_id=str(tmp))
+        with warnings.catch_warnings():
+            # single-process DCP is intended here; torch warns that no process group exists
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=str(tmp))
         now = time.time()
         meta = {
             "kind": STATE_KIND,
@@ -119,7 +123,9 @@ def load_dcp_state(path: Path, state: dict[str, Any]) -> None:
     """Load a DCP checkpoint in place into ``state`` (tensors are filled)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
 
 
 def list_states(states_root: Path) -> list[StateInfo]:

