@@ -33,6 +33,7 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from asyncrl.config import RLConfig
+from asyncrl.errors import RolloutError
 from asyncrl.logging import get_logger
 from asyncrl.recipes.checkpoints import TrainingCheckpoints, promote_checkpoint
 from asyncrl.recipes.data import RowLedger, load_rows
@@ -244,6 +245,8 @@ class Trainer:
         self.client = client
         self.reference = reference
         self.shared = shared
+        self.filtered_in_a_row = 0
+        self.max_filtered_in_a_row = max(16, 4 * cfg.prompt_groups_per_step)
         loss = cfg.loss
         self.loss_fn = first_minibatch(
             make_loss_fn(
@@ -280,7 +283,15 @@ class Trainer:
             gate.on_filtered()
             shared.ledger.finish(result.index)
             shared.counters.filtered += 1
+            self.filtered_in_a_row += 1
+            if self.filtered_in_a_row >= self.max_filtered_in_a_row:
+                raise RolloutError(
+                    f"no learning signal: the last {self.filtered_in_a_row} groups all had "
+                    f"zero reward variance (e.g. every reward {result.group.rewards[0]}); "
+                    "check the reward function, the temperature, or warm-start the model"
+                )
             return
+        self.filtered_in_a_row = 0
         batch.indices.append(result.index)
         batch.groups.append(result.group)
         batch.advantages.append(adv)

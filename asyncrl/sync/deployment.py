@@ -846,6 +846,7 @@ class DeploymentManager:
         incremental_snapshot_metadata: Mapping[str, Any] | None = None,
         inflight: InflightMode = "keep",
         reset_prompt_cache: bool = True,
+        warmup: bool = True,
         timeout: float = 300.0,  # noqa: ASYNC109 - the public API takes a timeout
     ) -> HotloadResult:
         """Load the snapshot at ``snapshot_path`` (a base, or with
@@ -854,7 +855,10 @@ class DeploymentManager:
 
         Raises IdentityMismatchError / ChecksumError / DeltaChainError / HotloadError when the
         workers rejected it (the deployment keeps serving its previous identity), and
-        DeploymentError when the engine was restarted or the control calls failed."""
+        DeploymentError when the engine was restarted or the control calls failed.
+
+        The health probe after the reload always runs; ``warmup=True`` retries it (bounded)
+        while the just-resumed engine warms up, ``warmup=False`` allows a single attempt."""
         self._check_open()
         deployment._check_open()
         if inflight not in _INFLIGHT_MODES:
@@ -885,7 +889,7 @@ class DeploymentManager:
                 raise
             probe_start = time.perf_counter()
             try:
-                await self._warmup(deployment)
+                await self._warmup(deployment, attempts=4 if warmup else 1)
             except DeploymentError as exc:
                 await self._recover(
                     deployment, f"engine unhealthy after hotload of {snapshot_identity}", exc,

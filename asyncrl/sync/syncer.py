@@ -190,6 +190,7 @@ class WeightSyncer:
                 incremental_snapshot_metadata=incremental,
                 inflight=self.inflight,
                 reset_prompt_cache=self.reset_prompt_cache,
+                warmup=self.warmup_after_hotload,
                 timeout=self.hotload_timeout_s,
             )
         except BaseException:
