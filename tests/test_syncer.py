@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from asyncrl.errors import IdentityMismatchError
 from asyncrl.sync import snapshot
@@ -137,3 +138,30 @@ def test_delta_without_base_is_a_clear_error(client: TrainingClient) -> None:
         client.save_weights_for_sampler_ext("d0", "delta").result()
     with pytest.raises(ValueError, match="checkpoint_type"):
         client.save_weights_for_sampler_ext("x", "full")
+
+
+@pytest.mark.anyio
+async def test_fallback_base_holds_the_rejected_deltas_weights(client: TrainingClient) -> None:
+    """The trainer may queue its next step right after the delta save was queued; the base
+    that replaces a rejected delta must still hold the delta's weights, not the newer ones."""
+    mgr = FakeDeployManager()
+    syncer = WeightSyncer(client, mgr, deployment=None)
+    await syncer.save_and_hotload("s0")
+    train_step(client, 1)
+    want = snapshot.from_torch(
+        {k: v.to(torch.bfloat16) for k, v in client.model.state_dict().items()}
+    )
+    mgr.reject_next_delta = True
+    await syncer.save_and_hotload("s1", after_submit=lambda: train_step_async(client, 2))
+    served = mgr.current
+    assert mgr.loaded[-1][0] == "base"
+    for name, raw in served.tensors.items():
+        assert bytes(raw.data) == bytes(want[name].data), name
+
+
+def train_step_async(client: TrainingClient, seed: int) -> None:
+    """Queue a training step without waiting (as the loop's trainer does)."""
+    tokens = [(seed * 7 + i) % 90 + 3 for i in range(12)]
+    d = datum_from_model_input_weights(ModelInput.from_ints(tokens), [0.0] * 4 + [1.0] * 8)
+    client.forward_backward_custom([d], cross_entropy_loss_fn)
+    client.optim_step(AdamParams(learning_rate=1e-2))
