@@ -32,31 +32,40 @@ def test_load_rows_from_jsonl_and_errors(tmp_path: Path) -> None:
 
 def test_ledger_each_row_done_exactly_once_with_give_back() -> None:
     ledger = RowLedger(4)
-    taken = [ledger.take()[1] for _ in range(3)]
-    assert taken == [0, 1, 2]
-    ledger.give_back(1)  # too stale: sampled again, first in line
-    ledger.finish(0)
-    assert ledger.take()[1] == 1
+    taken = [ledger.take() for _ in range(3)]
+    assert taken == [(0, 0), (0, 1), (0, 2)]
+    ledger.give_back((0, 1))  # too stale: sampled again, first in line
+    ledger.finish((0, 0))
+    assert ledger.take() == (0, 1)
     for i in (1, 2):
-        ledger.finish(i)
-    assert ledger.take()[1] == 3
-    ledger.finish(3)
+        ledger.finish((0, i))
+    assert ledger.take() == (0, 3)
+    ledger.finish((0, 3))
     assert ledger.state()["data_consumed"] == 4
-    epoch, index = ledger.take()  # all done: a new epoch starts
-    assert (epoch, index) == (1, 0)
+    assert ledger.take() == (1, 0)  # all done: the next epoch starts
+
+
+def test_next_epoch_opens_while_last_rows_are_out() -> None:
+    ledger = RowLedger(3)
+    keys = [ledger.take() for _ in range(3)]
+    # nothing pending, all three out and untrained: the next epoch must not wait for them
+    assert ledger.take() == (1, 0)
+    for key in keys:
+        ledger.finish(key)
+    assert ledger.state()["done"] == {"1": []}  # epoch 0 complete and forgotten
 
 
 def test_ledger_resume_takes_rows_that_were_in_flight() -> None:
     ledger = RowLedger(5)
     for _ in range(4):
         ledger.take()
-    ledger.finish(0)
-    ledger.finish(2)  # rows 1 and 3 were out (sampled, not trained) when the run stopped
+    ledger.finish((0, 0))
+    ledger.finish((0, 2))  # rows 1 and 3 were out (sampled, not trained) when the run stopped
     resumed = RowLedger.from_state(5, json.loads(json.dumps(ledger.state())))
-    order = [resumed.take()[1] for _ in range(3)]
-    assert order == [1, 3, 4]
+    assert [resumed.take() for _ in range(3)] == [(0, 1), (0, 3), (0, 4)]
+    assert resumed.consumed == 2
     with pytest.raises(DataError, match="beyond the dataset"):
-        RowLedger.from_state(2, {"done": [5]})
+        RowLedger.from_state(2, {"done": {"0": [5]}})
 
 
 def test_first_minibatch_wrapper_makes_ppo_kl_zero() -> None:

@@ -73,5 +73,6 @@ def test_async_run_metrics_deltas_and_resume(tmp_path: Path, tiny_model_dir: Pat
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
     loader = json.loads((tmp_path / "run" / "dataloader.json").read_text())
-    done_2, done_3 = set(loader["step-2"]["done"]), set(loader["step-3"]["done"])
+    done_2, done_3 = set(loader["step-2"]["done"]["0"]), set(loader["step-3"]["done"]["0"])
     assert done_2 < done_3  # rows trained before the stop stay done; new rows were added
+    assert loader["step-3"]["data_consumed"] > loader["step-2"]["data_consumed"]

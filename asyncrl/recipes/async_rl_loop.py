@@ -36,7 +36,7 @@ from asyncrl.config import RLConfig
 from asyncrl.errors import RolloutError
 from asyncrl.logging import get_logger
 from asyncrl.recipes.checkpoints import TrainingCheckpoints, promote_checkpoint
-from asyncrl.recipes.data import RowLedger, load_rows
+from asyncrl.recipes.data import RowKey, RowLedger, load_rows
 from asyncrl.recipes.gate import AdmissionGate
 from asyncrl.rollout.rewards import (
     DropGroup,
@@ -70,7 +70,7 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class _GroupResult:
-    index: int
+    index: RowKey
     row: Row
     group: TrajectoryGroup | None
     failure: SampleFailure | None
@@ -229,7 +229,7 @@ def _check_trajectory(value: Any) -> Trajectory:
 # ------------------------------------------------------------------------------- trainer
 @dataclass
 class _Batch:
-    indices: list[int] = field(default_factory=list)
+    indices: list[RowKey] = field(default_factory=list)
     groups: list[TrajectoryGroup] = field(default_factory=list)
     advantages: list[list[float]] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
@@ -352,10 +352,10 @@ def _step_metrics(out: Any, opt: Any, batch: _Batch, datums: Sequence[Any]) -> d
 async def _admitter(shared: _Shared, rows: list[Row], work: ObjectSendStream[Any]) -> None:
     async with work:
         while True:
-            if shared.gate.can_admit() and shared.ledger.has_pending():
-                _, index = shared.ledger.take()
+            if shared.gate.can_admit():
+                key = shared.ledger.take()
                 shared.gate.admit()
-                await work.send((index, rows[index]))
+                await work.send((key, rows[key[1]]))
                 continue
             t0 = time.perf_counter()
             await shared.wait_changed()
@@ -529,7 +529,7 @@ async def run(
     await client.aclose()
     if cfg.output_model_id and summary.final_checkpoint:
         summary.promoted_model = promote_checkpoint(
-            log_path, cfg.output_model_id, summary.final_checkpoint
+            log_path, cfg.output_model_id, summary.final_checkpoint, replace=True
         )
     return summary
 

@@ -207,9 +207,16 @@ def _step_of(name: str) -> int | None:
 
 
 def promote_checkpoint(
-    log_path: str | Path, output_model_id: str, checkpoint_name: str | None = None
+    log_path: str | Path,
+    output_model_id: str,
+    checkpoint_name: str | None = None,
+    *,
+    replace: bool = False,
 ) -> Path:
-    """Copy a promotable (base) snapshot to ``log_path/models/output_model_id`` as an HF dir."""
+    """Copy a promotable (base) snapshot to ``log_path/models/output_model_id`` as an HF dir.
+
+    An existing model of that id is an error unless ``replace`` (a resumed run promoting its
+    newer final checkpoint under the same id)."""
     validate_output_model_id(output_model_id)
     promotable = [c for c in list_checkpoints(log_path) if c.promotable]
     if checkpoint_name is not None:
@@ -227,7 +234,7 @@ def promote_checkpoint(
             raise CheckpointError(f"no promotable checkpoint under {log_path}")
     source = Path(chosen[0].path)
     target = Path(log_path) / "models" / output_model_id
-    if target.exists():
+    if target.exists() and not replace:
         raise CheckpointError(f"{target} already exists; choose another output_model_id")
     tmp = target.with_name(f".tmp-{output_model_id}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -235,6 +242,9 @@ def promote_checkpoint(
     (tmp / "asyncrl_promoted.json").write_text(
         json.dumps({"source": str(source), **asdict(chosen[0])}, indent=1)
     )
+    if target.exists():
+        shutil.rmtree(target)
+        log.info("promoted_model_replaced", model_dir=str(target))
     tmp.rename(target)
     log.info("checkpoint_promoted", source=str(source), model_dir=str(target))
     return target
