@@ -150,9 +150,19 @@ class RLConfig(_Strict):
     deployment_url: str | None = None
     seed: int = 0
     eval_rows: list[dict[str, Any]] | None = None
-    progress: bool = True
+    # group_filter(group) -> bool: False drops the group (counted in rollout/groups_filtered)
+    group_filter: Any = None
+    metrics_sinks: tuple[str, ...] = ()
 
-    @field_validator("reward_fn", "rollout_fn", mode="before")
+    @field_validator("metrics_sinks")
+    @classmethod
+    def _sinks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - {"tensorboard", "wandb"})
+        if unknown:
+            raise ValueError(f"unknown metrics sinks {unknown}; choose tensorboard and/or wandb")
+        return value
+
+    @field_validator("reward_fn", "rollout_fn", "group_filter", mode="before")
     @classmethod
     def _callables(cls, value: Any, info: Any) -> Any:
         return _resolve_callable(value, info.field_name)

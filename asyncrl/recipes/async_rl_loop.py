@@ -278,7 +278,8 @@ class Trainer:
             shared.ledger.give_back(result.index)
             shared.counters.stale += 1
             return
-        adv = grpo_advantages(result.group.rewards)
+        keep = self.cfg.group_filter is None or bool(self.cfg.group_filter(result.group))
+        adv = grpo_advantages(result.group.rewards) if keep else None
         if adv is None:
             gate.on_filtered()
             shared.ledger.finish(result.index)
@@ -286,9 +287,10 @@ class Trainer:
             self.filtered_in_a_row += 1
             if self.filtered_in_a_row >= self.max_filtered_in_a_row:
                 raise RolloutError(
-                    f"no learning signal: the last {self.filtered_in_a_row} groups all had "
-                    f"zero reward variance (e.g. every reward {result.group.rewards[0]}); "
-                    "check the reward function, the temperature, or warm-start the model"
+                    f"no learning signal: the last {self.filtered_in_a_row} groups were all "
+                    "filtered out (zero reward variance, or rejected by group_filter; last "
+                    f"rewards {list(result.group.rewards)}); check the reward function, the "
+                    "temperature, or warm-start the model"
                 )
             return
         self.filtered_in_a_row = 0
@@ -453,7 +455,7 @@ async def run(
         accepted=step0 * cfg.prompt_groups_per_step,
     )
     shared = _Shared(gate, ledger)
-    metrics_writer = MetricsWriter(log_path)
+    metrics_writer = MetricsWriter(log_path, sinks=cfg.metrics_sinks)
     summary = RunSummary(log_path, step0, resumed.name if resumed else None, None, None)
 
     async with DeploymentManager() as mgr:
@@ -527,6 +529,7 @@ async def run(
                 )
                 log.info("eval", when="after", reward_mean=summary.eval_after)
     await client.aclose()
+    metrics_writer.close()
     if cfg.output_model_id and summary.final_checkpoint:
         summary.promoted_model = promote_checkpoint(
             log_path, cfg.output_model_id, summary.final_checkpoint, replace=True
