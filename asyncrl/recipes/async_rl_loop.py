@@ -488,8 +488,11 @@ async def run(
             max_context_len=cfg.max_context_len,
             policy_version_fn=lambda: shared.version,
         ) as sampler:
-            if eval_rows:
-                summary.eval_before = await evaluate(
+
+            async def held_out(when: str) -> float | None:
+                if not eval_rows:
+                    return None
+                value = await evaluate(
                     sampler,
                     renderer,
                     cfg.reward_fn or _no_eval,
@@ -498,7 +501,10 @@ async def run(
                     max_tokens=cfg.max_tokens,
                     temperature=cfg.temperature,
                 )
-                log.info("eval", when="before", reward_mean=summary.eval_before)
+                log.info("eval", when=when, reward_mean=value)
+                return value
+
+            summary.eval_before = await held_out("before")
             rollouts = Rollouts(cfg, sampler, renderer, shared)
             trainer = Trainer(cfg, client, reference, shared)
             if step0 >= cfg.max_steps:
@@ -517,17 +523,7 @@ async def run(
                     summary,
                     on_step,
                 )
-            if eval_rows:
-                summary.eval_after = await evaluate(
-                    sampler,
-                    renderer,
-                    cfg.reward_fn or _no_eval,
-                    eval_rows,
-                    n=4,
-                    max_tokens=cfg.max_tokens,
-                    temperature=cfg.temperature,
-                )
-                log.info("eval", when="after", reward_mean=summary.eval_after)
+            summary.eval_after = await held_out("after")
     await client.aclose()
     metrics_writer.close()
     if cfg.output_model_id and summary.final_checkpoint:
