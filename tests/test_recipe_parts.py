@@ -118,3 +118,13 @@ def test_promote_rejects_bad_ids_and_missing_checkpoints(tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match="no promotable checkpoint"):
         promote_checkpoint(tmp_path, "good-id")
     assert list_checkpoints(tmp_path) == []
+
+
+def test_rl_loop_is_strictly_on_policy(tmp_path: Path) -> None:
+    from asyncrl.recipes.rl_loop import Config, on_policy
+
+    cfg = Config(log_path=tmp_path, base_model=tmp_path, dataset=[{"prompt": "x"}],
+                 reward_fn=len, max_head_offpolicy_versions=3, learning_rate=1e-4)
+    sync = on_policy(cfg)
+    assert sync.max_head_offpolicy_versions == 0
+    assert sync.learning_rate == 1e-4 and sync.reward_fn is len
