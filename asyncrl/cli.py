@@ -50,8 +50,8 @@ def demo(
     log_path: Annotated[Path, typer.Option(help="Where the run writes everything.")] = Path(
         "runs/demo"
     ),
-    max_steps: Annotated[int, typer.Option(min=1, help="RL optimizer steps.")] = 20,
-    sft_steps: Annotated[int, typer.Option(min=1, help="SFT warm-start steps.")] = 150,
+    max_steps: Annotated[int, typer.Option(min=1, help="RL optimizer steps.")] = 30,
+    sft_steps: Annotated[int, typer.Option(min=1, help="SFT warm-start steps.")] = 120,
     seed: Annotated[int, typer.Option(help="Seed for data, model and training.")] = 0,
 ) -> None:
     """Make a tiny model, warm it up with SFT, then async GRPO against a real vLLM server."""

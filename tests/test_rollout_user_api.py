@@ -162,7 +162,9 @@ def test_im_renderer_matches_chat_template(tokenizer: Any) -> None:
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"}]
     im, tmpl = ImChatRenderer(tokenizer), ChatTemplateRenderer(tokenizer)
     assert im.build_generation_prompt(msgs) == tmpl.build_generation_prompt(msgs)
-    assert im.stop_token_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    end, eos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id
+    assert im.stop_token_ids == [end, eos]
+    assert sorted(tmpl.stop_token_ids) == sorted([end, eos])
     assert isinstance(renderer_for(tokenizer), ImChatRenderer)
 
 
@@ -286,3 +288,33 @@ async def test_calculator_wrong_answer_and_single_use(tokenizer: Any) -> None:
     assert traj.reward == 0.0
     with pytest.raises(RolloutError, match="single-use"):
         await env.initial_observation()
+
+
+@pytest.mark.anyio
+async def test_truncated_turn_ends_the_episode(tokenizer: Any) -> None:
+    class NoStop(ScriptedSampler):
+        async def sample_with_prompt_tokens(
+            self, prompt_token_ids, n, max_tokens, temperature, stop=None, stop_token_ids=None
+        ):  # type: ignore[override]
+            out = await super().sample_with_prompt_tokens(
+                prompt_token_ids, n, max_tokens, temperature, stop, []
+            )
+            out[0].finish_reason = "length"
+            return out
+
+    env = CalculatorEnv("What is 2+2?", 4, ImChatRenderer(tokenizer))
+    traj = await run_episode(env, NoStop(tokenizer, ["<calc>2+2</calc>"]), policy_version=lambda: 0)
+    assert len(traj.turns) == 1 and traj.turns[0].finish_reason == "length"
+
+
+@pytest.mark.anyio
+async def test_non_int_policy_version_is_a_clear_error(tokenizer: Any) -> None:
+    class StrVersion(ScriptedSampler):
+        async def sample_with_prompt_tokens(self, *args, **kwargs):  # type: ignore[override]
+            out = await super().sample_with_prompt_tokens(*args, **kwargs)
+            out[0].policy_version = "abc123"  # type: ignore[assignment]
+            return out
+
+    env = CalculatorEnv("What is 2+2?", 4, ImChatRenderer(tokenizer))
+    with pytest.raises(RolloutError, match="policy versions must be ints"):
+        await run_episode(env, StrVersion(tokenizer, ["ANSWER: 4"]), policy_version=lambda: 0)

@@ -154,6 +154,10 @@ async def run_episode(
         )
         if result.done:
             break
+        if not action or action[-1] not in env.stop_token_ids:
+            # cut by max_tokens or another end token: the next turn's context would be
+            # malformed, so the episode ends here (recorded in the last turn's finish_reason)
+            break
         observation = list(result.next_observation)
     return Trajectory(turns=tuple(turns), reward=total, row_id=row_id)
 
@@ -161,4 +165,10 @@ async def run_episode(
 def _version_of(sample: Any, fallback: int) -> int:
     """The policy version the sampler stamped on ``sample``, else the one read at send time."""
     version = getattr(sample, "policy_version", None)
-    return fallback if version is None else int(version)
+    if version is None:
+        return fallback
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RolloutError(
+            f"policy versions must be ints (the staleness bound counts them), got {version!r}"
+        )
+    return version

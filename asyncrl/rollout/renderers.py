@@ -87,7 +87,9 @@ class ImChatRenderer:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return [self._end]
+        """End of turn, and the tokenizer's end-of-text (a model may emit either)."""
+        eos = self.tokenizer.eos_token_id
+        return [self._end] if eos is None or eos == self._end else [self._end, int(eos)]
 
     def _header(self, role: str) -> list[int]:
         return [self._start, *self.tokenizer.encode(role + "\n", add_special_tokens=False)]

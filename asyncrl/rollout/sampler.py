@@ -381,6 +381,7 @@ class DeploymentSampler:
             base_url=url,
             transport=transport,
             headers=headers,
+            trust_env=False,  # a local deployment: never route through an HTTP proxy
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
             timeout=httpx.Timeout(
                 self.retry.request_timeout_s, connect=self.retry.connect_timeout_s
