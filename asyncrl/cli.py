@@ -218,6 +218,30 @@ def serve(
     anyio.run(go)
 
 
+bench_app = typer.Typer(help="Benchmarks (from a source checkout).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command(
+    "hotload", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def bench_hotload(ctx: typer.Context) -> None:
+    """Hotload latency: base vs delta bytes and latency, naive XOR, cold restart.
+
+    Runs benchmarks/hotload_latency.py; extra arguments pass through to it
+    (e.g. `asyncrl bench hotload --presets tiny --steps 3`)."""
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "hotload_latency.py"
+    if not script.exists():
+        raise typer.BadParameter(
+            f"{script} not found: the benchmarks ship with the source checkout, not the wheel"
+        )
+    sys.argv = [str(script), *ctx.args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
 def main() -> None:
     app()
 

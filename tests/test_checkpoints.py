@@ -99,3 +99,39 @@ async def test_init_from_another_run_resets_step(tiny_model_dir: Path, tmp_path:
         await TrainingCheckpoints(client, tmp_path / "b").init_from(f"{tmp_path / 'a'}:step-3")
         assert client.step == 0
         assert all(torch.equal(v, want[k]) for k, v in client.model.state_dict().items())
+
+
+@pytest.mark.anyio
+async def test_cli_checkpoints_and_plot(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from asyncrl.cli import app
+    from asyncrl.metrics import MetricsWriter
+
+    run = tmp_path / "run"
+    with _client(tiny_model_dir, run) as client:
+        _step(client)
+        await TrainingCheckpoints(client, run).save(
+            "step-1", resumable=True, promotable=True, data_consumed={}, step=1
+        )
+    writer = MetricsWriter(run)
+    for step in (1, 2):
+        await writer.write(
+            step,
+            {"rollout/reward_mean": 0.1 * step, "train/ppo_kl": 0.0, "train/ref_kld": float("nan")},
+        )
+    runner = CliRunner()
+    listed = runner.invoke(app, ["checkpoints", "list", str(run), "--json"])
+    assert listed.exit_code == 0, listed.output
+    kinds = {(c["name"], c["kind"]) for c in json.loads(listed.output)}
+    assert kinds == {("step-1", "train_state"), ("step-1-base", "sampler_base")}
+    bad = runner.invoke(app, ["checkpoints", "promote", str(run), "--output-model-id", "Bad_"])
+    assert bad.exit_code != 0 and "output_model_id" in bad.output
+    good = runner.invoke(app, ["checkpoints", "promote", str(run), "--output-model-id", "m-1"])
+    assert good.exit_code == 0 and (run / "models" / "m-1" / "model.safetensors").exists()
+    plotted = runner.invoke(app, ["plot", str(run)])
+    assert plotted.exit_code == 0, plotted.output
+    assert (run / "metrics.png").stat().st_size > 1000
+    assert writer.nonfinite == 2  # the NaN ref_kld was written as null, and counted
+    empty = runner.invoke(app, ["plot", str(tmp_path / "nothing")])
+    assert empty.exit_code != 0 and "no metrics" in empty.output
