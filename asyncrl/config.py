@@ -128,6 +128,8 @@ class RLConfig(_Strict):
     base_model: Path
     dataset: Path | list[dict[str, Any]]
     reward_fn: Any = None
+    # group_reward_fn(completions, row) -> one reward per completion (e.g. rank-based scoring)
+    group_reward_fn: Any = None
     rollout_fn: Any = None
     completions_per_prompt: int = Field(8, ge=2, description="GRPO group size (>= 2)")
     prompt_groups_per_step: int = Field(8, ge=1)
@@ -162,7 +164,7 @@ class RLConfig(_Strict):
             raise ValueError(f"unknown metrics sinks {unknown}; choose tensorboard and/or wandb")
         return value
 
-    @field_validator("reward_fn", "rollout_fn", "group_filter", mode="before")
+    @field_validator("reward_fn", "group_reward_fn", "rollout_fn", "group_filter", mode="before")
     @classmethod
     def _callables(cls, value: Any, info: Any) -> Any:
         return _resolve_callable(value, info.field_name)
@@ -185,8 +187,11 @@ class RLConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_of(self) -> RLConfig:
-        if (self.reward_fn is None) == (self.rollout_fn is None):
-            raise ValueError("give exactly one of reward_fn or rollout_fn")
+        given = [f for f in ("reward_fn", "group_reward_fn", "rollout_fn") if getattr(self, f)]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of reward_fn, group_reward_fn or rollout_fn (got {given})"
+            )
         return self
 
 

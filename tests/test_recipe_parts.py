@@ -74,11 +74,15 @@ def test_first_minibatch_wrapper_makes_ppo_kl_zero() -> None:
     from asyncrl.types import Datum, ModelInput
 
     lp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
-    d = Datum(ModelInput.from_ints([1, 2, 3]), {
-        "target_tokens": torch.tensor([2, 3, 4]), "weights": torch.tensor([0.0, 1.0, 1.0]),
-        "advantages": torch.tensor([0.0, 1.0, -1.0]),
-        "ref_logprobs": torch.tensor([-1.0, -2.5, -0.4]),
-    })
+    d = Datum(
+        ModelInput.from_ints([1, 2, 3]),
+        {
+            "target_tokens": torch.tensor([2, 3, 4]),
+            "weights": torch.tensor([0.0, 1.0, 1.0]),
+            "advantages": torch.tensor([0.0, 1.0, -1.0]),
+            "ref_logprobs": torch.tensor([-1.0, -2.5, -0.4]),
+        },
+    )
     loss, metrics = first_minibatch(make_loss_fn(LossConfig(name="grpo")))([d], [lp])
     assert metrics["ppo_kl"] == 0.0
     assert metrics["clip_frac"] == 0.0
@@ -91,7 +95,9 @@ def test_rl_config_validation_names_fields(tmp_path: Path) -> None:
     from asyncrl.config import RLConfig, load_rl_config
 
     base = {"log_path": str(tmp_path), "base_model": str(tmp_path), "dataset": [{"prompt": "x"}]}
-    with pytest.raises(ConfigError, match="exactly one of reward_fn or rollout_fn"):
+    with pytest.raises(
+        ConfigError, match="exactly one of reward_fn, group_reward_fn or rollout_fn"
+    ):
         RLConfig(**base)
     ok = load_rl_config({**base, "reward_fn": "asyncrl.recipes.tasks:reverse_reward"})
     assert callable(ok.reward_fn)
@@ -123,8 +129,47 @@ def test_promote_rejects_bad_ids_and_missing_checkpoints(tmp_path: Path) -> None
 def test_rl_loop_is_strictly_on_policy(tmp_path: Path) -> None:
     from asyncrl.recipes.rl_loop import Config, on_policy
 
-    cfg = Config(log_path=tmp_path, base_model=tmp_path, dataset=[{"prompt": "x"}],
-                 reward_fn=len, max_head_offpolicy_versions=3, learning_rate=1e-4)
+    cfg = Config(
+        log_path=tmp_path,
+        base_model=tmp_path,
+        dataset=[{"prompt": "x"}],
+        reward_fn=len,
+        max_head_offpolicy_versions=3,
+        learning_rate=1e-4,
+    )
     sync = on_policy(cfg)
     assert sync.max_head_offpolicy_versions == 0
     assert sync.learning_rate == 1e-4 and sync.reward_fn is len
+
+
+@pytest.mark.anyio
+async def test_group_reward_fn_scores_the_whole_group(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from asyncrl.config import RLConfig
+    from asyncrl.recipes.async_rl_loop import Rollouts
+    from asyncrl.rollout.rewards import SampleFailure
+    from asyncrl.rollout.types import validate_row
+
+    def by_length_rank(completions: list, row: object) -> list[float]:
+        order = sorted(range(len(completions)), key=lambda i: len(completions[i].text))
+        return [float(order.index(i)) for i in range(len(completions))]
+
+    base = {"log_path": tmp_path, "base_model": tmp_path, "dataset": [{"prompt": "x"}]}
+    row = validate_row({"id": "r", "prompt": "x"}, 0)
+    outs = [SimpleNamespace(text=t) for t in ("ccc", "a", "bb")]
+    rollouts = Rollouts(RLConfig(**base, group_reward_fn=by_length_rank), None, None, None)
+    assert await rollouts._score(outs, row) == [2.0, 0.0, 1.0]
+
+    short = Rollouts(RLConfig(**base, group_reward_fn=lambda c, r: [1.0]), None, None, None)
+    failure = await short._score(outs, row)
+    assert isinstance(failure, SampleFailure) and "expected a list of 3 rewards" in failure.cause
+    nan = Rollouts(
+        RLConfig(**base, group_reward_fn=lambda c, r: [0.0, float("nan"), 1.0]), None, None, None
+    )
+    assert isinstance(await nan._score(outs, row), SampleFailure)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

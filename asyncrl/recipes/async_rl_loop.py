@@ -175,7 +175,37 @@ class Rollouts:
             cfg.temperature,
             stop_token_ids=self.renderer.stop_token_ids,
         )
+        rewards = await self._score(completions, row)
+        if isinstance(rewards, SampleFailure):
+            return rewards
         trajectories = []
+        for c, reward in zip(completions, rewards, strict=True):
+            turn = Turn(
+                observation_tokens=tuple(c.full_tokens[: c.prompt_len]),
+                action_tokens=tuple(c.completion_tokens),
+                action_logprobs=tuple(c.sampling_logprobs),
+                policy_version=int(c.policy_version or 0),
+                reward=reward,
+                finish_reason=c.finish_reason,
+            )
+            trajectories.append(Trajectory(turns=(turn,), reward=reward, row_id=row.row_id))
+        return TrajectoryGroup(row.row_id, tuple(trajectories))
+
+    async def _score(self, completions: Sequence[Any], row: Row) -> list[float] | SampleFailure:
+        """One reward per completion: reward_fn on each, or group_reward_fn on all of them."""
+        cfg = self.cfg
+        if cfg.group_reward_fn is not None:
+            n = len(completions)
+            out: list[float] | SampleFailure = await call_with_policy(
+                cfg.group_reward_fn,
+                (list(completions), row),
+                policy=self.policy,
+                row_id=row.row_id,
+                stage="group_reward_fn",
+                validate=lambda v: check_group_rewards(v, n),
+            )
+            return out
+        rewards = []
         for c in completions:
             reward = await call_with_policy(
                 cfg.reward_fn,
@@ -187,16 +217,8 @@ class Rollouts:
             )
             if isinstance(reward, SampleFailure):
                 return reward
-            turn = Turn(
-                observation_tokens=tuple(c.full_tokens[: c.prompt_len]),
-                action_tokens=tuple(c.completion_tokens),
-                action_logprobs=tuple(c.sampling_logprobs),
-                policy_version=int(c.policy_version or 0),
-                reward=reward,
-                finish_reason=c.finish_reason,
-            )
-            trajectories.append(Trajectory(turns=(turn,), reward=reward, row_id=row.row_id))
-        return TrajectoryGroup(row.row_id, tuple(trajectories))
+            rewards.append(reward)
+        return rewards
 
     async def _custom_group(self, row: Row) -> TrajectoryGroup | SampleFailure:
         results: list[Any] = [None] * self.cfg.completions_per_prompt
@@ -218,6 +240,13 @@ class Rollouts:
         if failures:
             return failures[0]
         return TrajectoryGroup(row.row_id, tuple(results))
+
+
+def check_group_rewards(value: Any, n: int) -> list[float]:
+    """A list of ``n`` finite floats, or TypeError / ValueError saying what is wrong."""
+    if not isinstance(value, list | tuple) or len(value) != n:
+        raise TypeError(f"returned {value!r}; expected a list of {n} rewards, one per completion")
+    return [check_reward(v) for v in value]
 
 
 def _check_trajectory(value: Any) -> Trajectory:
