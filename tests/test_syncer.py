@@ -165,3 +165,24 @@ def train_step_async(client: TrainingClient, seed: int) -> None:
     d = datum_from_model_input_weights(ModelInput.from_ints(tokens), [0.0] * 4 + [1.0] * 8)
     client.forward_backward_custom([d], cross_entropy_loss_fn)
     client.optim_step(AdamParams(learning_rate=1e-2))
+
+
+@pytest.mark.anyio
+async def test_fallback_after_a_failed_delta_save_writes_the_live_weights(
+    client: TrainingClient,
+) -> None:
+    mgr = FakeDeployManager()
+    syncer = WeightSyncer(client, mgr, deployment=None)
+    await syncer.save_and_hotload("s0")
+    train_step(client, 1)
+    # a side export makes the client forget the served snapshot's host bytes: the delta
+    # save fails before anything is written, and the fallback must be a base of the live
+    # weights (not of a snapshot from an earlier sync)
+    client.save_weights_for_sampler_ext("side-export", "base").result()
+    client.save_weights_for_sampler_ext("side-export-2", "base").result()
+    name = await syncer.save_and_hotload("s1")
+    assert name == "s1-base" and mgr.loaded[-1][0] == "base"
+    want = snapshot.from_torch(
+        {k: v.to(torch.bfloat16) for k, v in client.model.state_dict().items()}
+    )
+    assert all(bytes(r.data) == bytes(want[n].data) for n, r in mgr.current.tensors.items())

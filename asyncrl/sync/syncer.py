@@ -141,6 +141,9 @@ class WeightSyncer:
         source: str | None = None,
     ) -> str:
         t0 = time.perf_counter()
+        # None until this save succeeds: a fallback after a failed SAVE writes the live weights
+        # (nothing newer has been queued yet), after a failed HOTLOAD the saved snapshot's
+        self._last_saved = None
         future = self.client.save_weights_for_sampler_ext(
             name,
             kind,
