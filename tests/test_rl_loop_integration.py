@@ -10,7 +10,7 @@ import pytest
 
 from asyncrl.config import RLConfig, WeightSyncConfig
 from asyncrl.metrics import read_metrics
-from asyncrl.recipes.async_rl_loop import main
+from asyncrl.recipes.async_rl_loop import run
 from asyncrl.recipes.checkpoints import list_checkpoints
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,8 +42,10 @@ def _config(tmp: Path, model_dir: Path, max_steps: int) -> RLConfig:
     )
 
 
-def test_async_run_metrics_deltas_and_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
-    first = main(_config(tmp_path, tiny_model_dir, max_steps=2))
+@pytest.mark.anyio
+async def test_async_run_metrics_deltas_and_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # the session's event loop runs it (other integration tests share that loop)
+    first = await run(_config(tmp_path, tiny_model_dir, max_steps=2))
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     required = [
@@ -68,7 +70,7 @@ def test_async_run_metrics_deltas_and_resume(tmp_path: Path, tiny_model_dir: Pat
     assert loader["step-2"]["step"] == 2
 
     # stop + rerun with the same log_path: continues from step 2, does not redo steps 1-2
-    second = main(_config(tmp_path, tiny_model_dir, max_steps=3))
+    second = await run(_config(tmp_path, tiny_model_dir, max_steps=3))
     assert second.resumed_from == "step-2"
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -191,10 +192,9 @@ async def test_generation_stops_at_im_end_and_keeps_it_in_token_ids(
 ) -> None:
     """vLLM 0.32 keeps the stop token in ``token_ids`` (last token, with a logprob), drops it
     from ``text`` and reports it as ``stop_reason``."""
-    im_end = renderer.stop_token_ids[0]
-    assert renderer.stop_token_ids == [im_end] and renderer.tokenizer.decode([im_end]) == (
-        "<|im_end|>"
-    )
+    im_end, eos = renderer.stop_token_ids
+    assert renderer.tokenizer.decode([im_end]) == "<|im_end|>"
+    assert eos == renderer.tokenizer.eos_token_id
     prompt = renderer.build_generation_prompt(MESSAGES)
     ended: list[SampledCompletion] = []
     for seed in range(4):  # near-uniform model: ~1 in 128 tokens is <|im_end|>
@@ -288,6 +288,15 @@ class ToolCallingCalculatorEnv(CalculatorEnv):
         super().__init__("What is 6*7?", 42, renderer)
         self.scripted_calls = scripted_calls
 
+    @property
+    def stop_token_ids(self) -> Sequence[int]:
+        """End of turn, plus every letter and digit: a near-uniform model then ends its turns
+        within a few tokens (a turn cut by max_tokens would end the episode early)."""
+        chars = self.renderer.tokenizer.encode(
+            string.ascii_letters + string.digits, add_special_tokens=False
+        )
+        return [*self.renderer.stop_token_ids, *chars]
+
     async def step(self, action: Sequence[int]) -> StepResult:
         if self.tool_calls < self.scripted_calls:
             call = self.renderer.tokenizer.encode("<calc>6*7</calc>", add_special_tokens=False)
@@ -349,7 +358,8 @@ async def test_calculator_episode_trajectory_is_consistent(
     context: list[int] = []
     for k, (turn, (prompt, stops, sample)) in enumerate(zip(turns, recorder.calls, strict=True)):
         context += turn.observation_tokens
-        assert prompt == context and stops == renderer.stop_token_ids  # the model saw it all
+        assert prompt == context and stops == list(env.stop_token_ids)  # the model saw it all
+        assert turn.action_tokens[-1] in env.stop_token_ids
         assert turn.action_tokens == sample.completion_tokens
         assert turn.action_logprobs == sample.sampling_logprobs
         assert turn.finish_reason == sample.finish_reason

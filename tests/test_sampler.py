@@ -412,21 +412,17 @@ async def test_breaker_trips_when_every_deployment_fails() -> None:
     assert sum(e["event"] == "sampling_retry" for e in logs) == 3  # 4 attempts, 3 retries
 
 
-def test_policy_version_fn_error_does_not_leak_a_slot() -> None:
+@pytest.mark.anyio
+async def test_policy_version_fn_error_does_not_leak_a_slot() -> None:
     fake = FakeVLLM()
 
     def broken() -> int:
         raise LookupError("no snapshot yet")
 
-    sampler = make_sampler(fake, policy_version_fn=broken)
-
-    async def main() -> None:
-        async with sampler:
-            with pytest.raises(LookupError):
-                await sampler.sample_with_prompt_tokens([1], 1, 1, 1.0)
-            assert sampler.metrics()["in_flight"] == 0
-
-    anyio.run(main)
+    async with make_sampler(fake, policy_version_fn=broken) as sampler:
+        with pytest.raises(LookupError):
+            await sampler.sample_with_prompt_tokens([1], 1, 1, 1.0)
+        assert sampler.metrics()["in_flight"] == 0
 
 
 # --------------------------------------------------------------------------- deployments
