@@ -17,6 +17,7 @@ __all__ = [
     "OUTPUT_MODEL_ID_RE",
     "LossSettings",
     "RLConfig",
+    "StrictModel",
     "WeightSyncConfig",
     "load_rl_config",
     "parse_config",
@@ -42,7 +43,7 @@ def _problems(exc: ValidationError) -> str:
     )
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     """Frozen, no unknown fields; invalid values raise ConfigError naming every field."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -54,7 +55,7 @@ class _Strict(BaseModel):
             raise ConfigError(f"invalid {type(self).__name__}: {_problems(exc)}") from None
 
 
-class WeightSyncConfig(_Strict):
+class WeightSyncConfig(StrictModel):
     """How the trainer's weights reach the deployment, and how often train state is saved."""
 
     dcp_save_interval: int = Field(0, ge=0, description="DCP train state every N steps; 0=off")
@@ -89,7 +90,7 @@ def _resolve_callable(value: Any, field: str) -> Any:
     raise ValueError(f"{field} must be a callable or 'module:function', got {value!r}")
 
 
-class LossSettings(_Strict):
+class LossSettings(StrictModel):
     """The policy loss (see asyncrl.trainer.losses.LossConfig)."""
 
     name: str = "grpo"
@@ -119,7 +120,7 @@ class LossSettings(_Strict):
         return value
 
 
-class RLConfig(_Strict):
+class RLConfig(StrictModel):
     """The async RL recipe's config (the seeds' ``rl_loop.Config`` shape)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)

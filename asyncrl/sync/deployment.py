@@ -71,9 +71,10 @@ from typing import Any, Literal, NoReturn
 
 import anyio
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from asyncrl.config import StrictModel
 from asyncrl.errors import (
     AsyncRLError,
     ChecksumError,
@@ -138,7 +139,7 @@ _log = get_logger(__name__)
 # Config
 
 
-class DeploymentConfig(BaseModel):
+class DeploymentConfig(StrictModel):
     """How to start one local vLLM server. Invalid values raise ``ConfigError`` naming the
     field. ``hotload_token`` None: the manager generates a random one per deployment."""
 
@@ -164,16 +165,6 @@ class DeploymentConfig(BaseModel):
     probe_prompt: str = Field("Hello", min_length=1)
     allow_remote: bool = False
     python_executable: str | None = None
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise ConfigError(f"invalid DeploymentConfig: {problems}") from exc
 
     @model_validator(mode="after")
     def _check(self) -> DeploymentConfig:
