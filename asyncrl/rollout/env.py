@@ -93,7 +93,7 @@ class CalculatorEnv(Env):
         if not self._started or self._done:
             raise RolloutError("CalculatorEnv.step called outside a running episode")
         text = self.renderer.tokenizer.decode(
-            [t for t in action if t not in self.stop_token_ids], skip_special_tokens=False
+            [t for t in action if t not in self.renderer.stop_token_ids], skip_special_tokens=False
         )
         self._history.append({"role": "assistant", "content": text})
         answer = _ANSWER.search(text)
