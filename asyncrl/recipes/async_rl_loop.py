@@ -442,6 +442,60 @@ async def evaluate(
     return statistics.fmean(scores)
 
 
+@dataclass
+class _TrainerSide:
+    client: Any
+    reference: Any
+    ckpt: TrainingCheckpoints
+    resumed: Any
+
+
+async def _open_trainer(cfg: RLConfig) -> _TrainerSide:
+    """Policy client (resumed, or initialised from another run), frozen reference, checkpoints."""
+    from asyncrl.trainer.client import TrainingClient
+
+    client = await anyio.to_thread.run_sync(
+        lambda: TrainingClient.from_pretrained(
+            cfg.base_model, seed=cfg.seed, checkpoint_dir=cfg.log_path / "checkpoints"
+        )
+    )
+    reference = client.create_reference()  # the base weights, before any resume
+    ckpt = TrainingCheckpoints(client, cfg.log_path)
+    resumed = await ckpt.resume()
+    if resumed is None and cfg.init_from_checkpoint:
+        await ckpt.init_from(cfg.init_from_checkpoint)
+    return _TrainerSide(client, reference, ckpt, resumed)
+
+
+async def _open_deployment(mgr: Any, cfg: RLConfig, client: Any) -> Any:
+    """Attach to ``cfg.deployment_url`` or start a vLLM server on the base model."""
+    from asyncrl.sync.deployment import DeploymentConfig
+
+    if cfg.deployment_url:
+        return await mgr.attach(cfg.deployment_url, served_model_name=POLICY_MODEL_NAME)
+    return await mgr.create_or_get(
+        DeploymentConfig(
+            model_dir=cfg.base_model,
+            snapshot_root=client.sampler_root,
+            log_dir=cfg.log_path / "deployment",
+            max_model_len=cfg.max_context_len,
+            served_model_name=POLICY_MODEL_NAME,
+        )
+    )
+
+
+def _shared_state(cfg: RLConfig, n_rows: int, step0: int, resumed: Any) -> _Shared:
+    ledger = RowLedger.from_state(n_rows, resumed.data) if resumed else RowLedger(n_rows)
+    # the gate counts groups since step 0: a resumed run has consumed step0 steps' worth
+    gate = AdmissionGate(
+        cfg.prompt_groups_per_step,
+        cfg.max_head_offpolicy_versions,
+        published_version=step0,
+        accepted=step0 * cfg.prompt_groups_per_step,
+    )
+    return _Shared(gate, ledger)
+
+
 async def run(
     cfg: RLConfig,
     *,
@@ -452,54 +506,47 @@ async def run(
 
     from asyncrl.metrics import MetricsWriter
     from asyncrl.rollout.renderers import renderer_for
-    from asyncrl.rollout.sampler import DeploymentSampler
-    from asyncrl.sync.deployment import DeploymentConfig, DeploymentManager
-    from asyncrl.sync.syncer import WeightSyncer
-    from asyncrl.trainer.client import TrainingClient
 
     rows = load_rows(cfg.dataset)
     eval_rows = load_rows(cfg.eval_rows) if cfg.eval_rows else []
-    log_path = cfg.log_path
-    log_path.mkdir(parents=True, exist_ok=True)
-    renderer = renderer_for(
-        await anyio.to_thread.run_sync(AutoTokenizer.from_pretrained, cfg.base_model)
-    )
-    client = await anyio.to_thread.run_sync(
-        lambda: TrainingClient.from_pretrained(
-            cfg.base_model, seed=cfg.seed, checkpoint_dir=log_path / "checkpoints"
+    cfg.log_path.mkdir(parents=True, exist_ok=True)
+    tokenizer = await anyio.to_thread.run_sync(AutoTokenizer.from_pretrained, cfg.base_model)
+    renderer = renderer_for(tokenizer)
+    side = await _open_trainer(cfg)
+    metrics_writer = MetricsWriter(cfg.log_path, sinks=cfg.metrics_sinks)
+    try:
+        summary = await _run_with_deployment(
+            cfg, side, rows, eval_rows, renderer, metrics_writer, on_step
         )
-    )
-    reference = client.create_reference()
-    ckpt = TrainingCheckpoints(client, log_path)
-    resumed = await ckpt.resume()
-    if resumed is None and cfg.init_from_checkpoint:
-        await ckpt.init_from(cfg.init_from_checkpoint)
-    ledger = RowLedger.from_state(len(rows), resumed.data) if resumed else RowLedger(len(rows))
-    step0 = client.step
-    # the gate counts groups since step 0: a resumed run has consumed step0 steps' worth
-    gate = AdmissionGate(
-        cfg.prompt_groups_per_step,
-        cfg.max_head_offpolicy_versions,
-        published_version=step0,
-        accepted=step0 * cfg.prompt_groups_per_step,
-    )
-    shared = _Shared(gate, ledger)
-    metrics_writer = MetricsWriter(log_path, sinks=cfg.metrics_sinks)
-    summary = RunSummary(log_path, step0, resumed.name if resumed else None, None, None)
+    finally:
+        await side.client.aclose()
+        metrics_writer.close()
+    if cfg.output_model_id and summary.final_checkpoint:
+        summary.promoted_model = promote_checkpoint(
+            cfg.log_path, cfg.output_model_id, summary.final_checkpoint, replace=True
+        )
+    return summary
 
+
+async def _run_with_deployment(
+    cfg: RLConfig,
+    side: _TrainerSide,
+    rows: list[Row],
+    eval_rows: list[Row],
+    renderer: Any,
+    metrics_writer: Any,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> RunSummary:
+    from asyncrl.rollout.sampler import DeploymentSampler
+    from asyncrl.sync.deployment import DeploymentManager
+    from asyncrl.sync.syncer import WeightSyncer
+
+    client, resumed = side.client, side.resumed
+    step0 = client.step
+    shared = _shared_state(cfg, len(rows), step0, resumed)
+    summary = RunSummary(cfg.log_path, step0, resumed.name if resumed else None, None, None)
     async with DeploymentManager() as mgr:
-        if cfg.deployment_url:
-            deployment = await mgr.attach(cfg.deployment_url, served_model_name=POLICY_MODEL_NAME)
-        else:
-            deployment = await mgr.create_or_get(
-                DeploymentConfig(
-                    model_dir=cfg.base_model,
-                    snapshot_root=client.sampler_root,
-                    log_dir=log_path / "deployment",
-                    max_model_len=cfg.max_context_len,
-                    served_model_name=POLICY_MODEL_NAME,
-                )
-            )
+        deployment = await _open_deployment(mgr, cfg, client)
         ws = cfg.weight_sync
         syncer = WeightSyncer(
             client,
@@ -534,12 +581,12 @@ async def run(
                 return value
 
             summary.eval_before = await held_out("before")
-            rollouts = Rollouts(cfg, sampler, renderer, shared)
-            trainer = Trainer(cfg, client, reference, shared)
             if step0 >= cfg.max_steps:
                 log.info("already_complete", step=step0, max_steps=cfg.max_steps)
                 summary.final_checkpoint = resumed.name if resumed else None
             else:
+                rollouts = Rollouts(cfg, sampler, renderer, shared)
+                trainer = Trainer(cfg, client, side.reference, shared)
                 await _loop(
                     cfg,
                     shared,
@@ -547,18 +594,12 @@ async def run(
                     rollouts,
                     trainer,
                     syncer,
-                    ckpt,
+                    side.ckpt,
                     metrics_writer,
                     summary,
                     on_step,
                 )
             summary.eval_after = await held_out("after")
-    await client.aclose()
-    metrics_writer.close()
-    if cfg.output_model_id and summary.final_checkpoint:
-        summary.promoted_model = promote_checkpoint(
-            log_path, cfg.output_model_id, summary.final_checkpoint, replace=True
-        )
     return summary
 
 
