@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from asyncrl.config import RLConfig
 from asyncrl.errors import RolloutError
@@ -328,10 +328,14 @@ class Trainer:
         batch.advantages.append(adv)
         batch.offsets.append(self.client.step - version)
 
-    async def collect(self, results: ObjectReceiveStream[_GroupResult]) -> _Batch:
+    async def collect(self, results: MemoryObjectReceiveStream[_GroupResult]) -> _Batch:
         batch = _Batch()
         while len(batch.groups) < self.cfg.prompt_groups_per_step:
-            self.accept(await results.receive(), batch)
+            try:  # no scheduler round trip when a result is already waiting
+                result = results.receive_nowait()
+            except anyio.WouldBlock:
+                result = await results.receive()
+            self.accept(result, batch)
             self.shared.pulse()
         return batch
 
@@ -380,13 +384,13 @@ def _step_metrics(out: Any, opt: Any, batch: _Batch, datums: Sequence[Any]) -> d
 
 
 # ---------------------------------------------------------------------------------- run
-async def _admitter(shared: _Shared, rows: list[Row], work: ObjectSendStream[Any]) -> None:
+async def _admitter(shared: _Shared, rows: list[Row], work: MemoryObjectSendStream[Any]) -> None:
     async with work:
         while True:
             if shared.gate.can_admit():
                 key = shared.ledger.take()
                 shared.gate.admit()
-                await work.send((key, rows[key[1]]))
+                await _send(work, (key, rows[key[1]]))
                 continue
             t0 = time.perf_counter()
             await shared.wait_changed()
@@ -395,16 +399,30 @@ async def _admitter(shared: _Shared, rows: list[Row], work: ObjectSendStream[Any
 
 async def _actor(
     rollouts: Rollouts,
-    work: ObjectReceiveStream[Any],
-    results: ObjectSendStream[_GroupResult],
+    work: MemoryObjectReceiveStream[Any],
+    results: MemoryObjectSendStream[_GroupResult],
 ) -> None:
     async with work, results:
         async for index, row in work:
             out = await rollouts.group(row)
             if isinstance(out, SampleFailure):
-                await results.send(_GroupResult(index, row, None, out))
+                await _send(results, _GroupResult(index, row, None, out))
             else:
-                await results.send(_GroupResult(index, row, out, None))
+                await _send(results, _GroupResult(index, row, out, None))
+
+
+async def _send(stream: MemoryObjectSendStream[Any], item: Any) -> None:
+    """Put ``item`` into a bounded channel, waiting only when it is full."""
+    try:
+        stream.send_nowait(item)
+    except anyio.WouldBlock:
+        await stream.send(item)
+
+
+def _checkpoint_due(cfg: RLConfig, step: int) -> bool:
+    """A periodic DCP checkpoint (``dcp_save_interval``) or the final one is saved at ``step``."""
+    interval = cfg.weight_sync.dcp_save_interval
+    return step >= cfg.max_steps or bool(interval and step % interval == 0)
 
 
 def _fresh_name(root: Path, name: str) -> str:
@@ -619,6 +637,7 @@ async def _loop(
     summary: RunSummary,
     on_step: Callable[[dict[str, Any]], None] | None,
 ) -> None:
+    # unbuffered: a row is handed straight to an idle actor (admitted == being sampled)
     work_send, work_recv = anyio.create_memory_object_stream[Any](max_buffer_size=0)
     res_send, res_recv = anyio.create_memory_object_stream[_GroupResult](
         max_buffer_size=cfg.prompt_groups_per_step
@@ -639,7 +658,10 @@ async def _loop(
                 metrics["perf/tokens_per_s"] = metrics["train/trained_tokens"] / (now - last)
                 last = now
                 queued = anyio.Event()
-                await sync_send.send((client.step, metrics, queued, shared.ledger.state()))
+                step = client.step
+                # the row accounting as of this step (sorting it is O(dataset): only when saved)
+                data = shared.ledger.state() if _checkpoint_due(cfg, step) else None
+                await sync_send.send((step, metrics, queued, data))
                 await queued.wait()  # the snapshot is queued before our next step's work
 
     async def syncer_task() -> None:
@@ -656,8 +678,7 @@ async def _loop(
                         **shared.counters.take(),
                     }
                 )
-                interval = cfg.weight_sync.dcp_save_interval
-                if interval and step % interval == 0 and step < cfg.max_steps:
+                if data is not None and step < cfg.max_steps:
                     await ckpt.save(
                         f"step-{step}",
                         resumable=True,
