@@ -173,3 +173,41 @@ async def test_group_reward_fn_scores_the_whole_group(tmp_path: Path) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_metrics_sink_asked_for_but_missing_is_a_config_error(tmp_path: Path) -> None:
+    import importlib.util
+
+    from asyncrl.metrics import MetricsWriter
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match="'wandb' was asked for but is not installed"):
+        MetricsWriter(tmp_path, sinks=("wandb",))
+    with pytest.raises(ConfigError, match="unknown metrics sink"):
+        MetricsWriter(tmp_path, sinks=("stdout",))
+
+
+def test_cli_train_rejects_a_bad_config_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from asyncrl.cli import app
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "log_path": str(tmp_path),
+                "base_model": str(tmp_path),
+                "dataset": [{"prompt": "x"}],
+                "reward_fn": "len",
+                "completions_per_prompt": 1,
+            }
+        )
+    )
+    result = CliRunner().invoke(app, ["train", str(cfg)])
+    assert result.exit_code != 0
+    assert "completions_per_prompt" in result.output and "reward_fn" in result.output
+    (tmp_path / "broken.json").write_text("{not json")
+    broken = CliRunner().invoke(app, ["train", str(tmp_path / "broken.json")])
+    assert broken.exit_code != 0 and "broken.json" in broken.output
