@@ -277,7 +277,10 @@ async def test_async_version_offsets_are_bounded(tmp_path: Path, offpolicy: int)
     # the run really was off-policy, and the slow first group was dropped, not trained
     assert max(offsets) >= 1
     assert out.gate.stale_dropped >= 1
-    assert out.rollouts.attempts[1] >= 2  # row 1 was sampled again after its drop
+    # a dropped group's row is sampled again (rewards here never filter and nothing fails, so
+    # a second attempt only follows a stale drop); which row is stale depends on scheduling
+    resampled = [row for row, n in out.rollouts.attempts.items() if n >= 2]
+    assert resampled, out.rollouts.attempts
     assert sum(m["async/stale_dropped"] for _, m in out.metrics.rows) == out.gate.stale_dropped
 
 

@@ -12,6 +12,7 @@ from asyncrl.config import RLConfig, WeightSyncConfig
 from asyncrl.metrics import read_metrics
 from asyncrl.recipes.async_rl_loop import run
 from asyncrl.recipes.checkpoints import list_checkpoints
+from asyncrl.trainer.state import read_state_info
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -68,6 +69,8 @@ async def test_async_run_metrics_deltas_and_resume(tmp_path: Path, tiny_model_di
     assert first.promoted_model is not None and (first.promoted_model / "config.json").exists()
     loader = json.loads((tmp_path / "run" / "dataloader.json").read_text())
     assert loader["step-2"]["step"] == 2
+    for name, entry in loader.items():  # each DCP state holds the step it is named after
+        assert read_state_info(entry["state_path"]).step == entry["step"], name
 
     # stop + rerun with the same log_path: continues from step 2, does not redo steps 1-2
     second = await run(_config(tmp_path, tiny_model_dir, max_steps=3))

@@ -419,6 +419,19 @@ async def _send(stream: MemoryObjectSendStream[Any], item: Any) -> None:
         await stream.send(item)
 
 
+async def _save_checkpoint(
+    cfg: RLConfig, ckpt: TrainingCheckpoints, shared: _Shared, summary: RunSummary, step: int
+) -> None:
+    """A periodic (resumable) or final (resumable + promotable) checkpoint of ``step``."""
+    final = step >= cfg.max_steps
+    name = f"step-{step}"
+    await ckpt.save(
+        name, resumable=True, promotable=final, data_consumed=shared.ledger.state(), step=step
+    )
+    if final:
+        summary.final_checkpoint = name
+
+
 def _checkpoint_due(cfg: RLConfig, step: int) -> bool:
     """A periodic DCP checkpoint (``dcp_save_interval``) or the final one is saved at ``step``."""
     interval = cfg.weight_sync.dcp_save_interval
@@ -657,16 +670,18 @@ async def _loop(
                 metrics.update({"perf/train_wait_time": wait, "perf/step_time": now - last})
                 metrics["perf/tokens_per_s"] = metrics["train/trained_tokens"] / (now - last)
                 last = now
-                queued = anyio.Event()
                 step = client.step
-                # the row accounting as of this step (sorting it is O(dataset): only when saved)
-                data = shared.ledger.state() if _checkpoint_due(cfg, step) else None
-                await sync_send.send((step, metrics, queued, data))
+                if _checkpoint_due(cfg, step):
+                    # here, not in the sync task: the state must be queued on the trainer's
+                    # worker before our next step's work, so weights and row accounting agree
+                    await _save_checkpoint(cfg, ckpt, shared, summary, step)
+                queued = anyio.Event()
+                await sync_send.send((step, metrics, queued))
                 await queued.wait()  # the snapshot is queued before our next step's work
 
     async def syncer_task() -> None:
         async with sync_recv:
-            async for step, metrics, queued, data in sync_recv:
+            async for step, metrics, queued in sync_recv:
                 name = _fresh_name(client.sampler_root, f"step-{step}")
                 await syncer.save_and_hotload(name, after_submit=queued.set)
                 timing = syncer.last_timing
@@ -678,14 +693,6 @@ async def _loop(
                         **shared.counters.take(),
                     }
                 )
-                if data is not None and step < cfg.max_steps:
-                    await ckpt.save(
-                        f"step-{step}",
-                        resumable=True,
-                        promotable=False,
-                        data_consumed=data,
-                        step=step,
-                    )
                 shared.gate.on_published(step)
                 shared.pulse()
                 await metrics_writer.write(step, metrics)
@@ -693,12 +700,6 @@ async def _loop(
                 summary.steps = step
                 if on_step is not None:
                     on_step({"step": step, **metrics})
-                if step >= cfg.max_steps:
-                    name = f"step-{step}"
-                    await ckpt.save(
-                        name, resumable=True, promotable=True, data_consumed=data, step=step
-                    )
-                    summary.final_checkpoint = name
         tg.cancel_scope.cancel()  # the trainer is done: stop admitter and actors
 
     async with anyio.create_task_group() as tg:
