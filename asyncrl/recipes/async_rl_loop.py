@@ -1,7 +1,7 @@
 """The async RL loop: rollout actors, a trainer consumer and a weight-sync task in ONE task group.
 
-    dataset rows -> admitter (AdmissionGate: staleness bound) -> work channel (bounded)
-      -> N rollout actors (DeploymentSampler -> vLLM; reward_fn / rollout_fn)
+    dataset rows -> N rollout actors, each admitting a row when the AdmissionGate
+      (staleness bound) allows (DeploymentSampler -> vLLM; reward_fn / rollout_fn)
       -> result channel (bounded) -> trainer (GRPO advantages, reference logprobs, TIS,
          forward_backward_custom, optim_step) -> sync channel (bounded)
       -> weight syncer (save_and_hotload: base first, deltas after) -> publish version
@@ -384,31 +384,29 @@ def _step_metrics(out: Any, opt: Any, batch: _Batch, datums: Sequence[Any]) -> d
 
 
 # ---------------------------------------------------------------------------------- run
-async def _admitter(shared: _Shared, rows: list[Row], work: MemoryObjectSendStream[Any]) -> None:
-    async with work:
-        while True:
-            if shared.gate.can_admit():
-                key = shared.ledger.take()
-                shared.gate.admit()
-                await _send(work, (key, rows[key[1]]))
-                continue
-            t0 = time.perf_counter()
-            await shared.wait_changed()
-            shared.counters.rollout_wait_s += time.perf_counter() - t0
-
-
 async def _actor(
+    shared: _Shared,
+    rows: list[Row],
     rollouts: Rollouts,
-    work: MemoryObjectReceiveStream[Any],
     results: MemoryObjectSendStream[_GroupResult],
 ) -> None:
-    async with work, results:
-        async for index, row in work:
+    """Admit a row when the gate allows, sample its group, hand the result to the trainer.
+
+    Time spent waiting for the gate is added to ``perf/rollout_wait_time`` (actor-seconds)."""
+    async with results:
+        while True:
+            while not shared.gate.can_admit():
+                t0 = time.perf_counter()
+                await shared.wait_changed()
+                shared.counters.rollout_wait_s += time.perf_counter() - t0
+            key = shared.ledger.take()
+            shared.gate.admit()
+            row = rows[key[1]]
             out = await rollouts.group(row)
             if isinstance(out, SampleFailure):
-                await _send(results, _GroupResult(index, row, None, out))
+                await _send(results, _GroupResult(key, row, None, out))
             else:
-                await _send(results, _GroupResult(index, row, out, None))
+                await _send(results, _GroupResult(key, row, out, None))
 
 
 async def _send(stream: MemoryObjectSendStream[Any], item: Any) -> None:
@@ -650,8 +648,6 @@ async def _loop(
     summary: RunSummary,
     on_step: Callable[[dict[str, Any]], None] | None,
 ) -> None:
-    # unbuffered: a row is handed straight to an idle actor (admitted == being sampled)
-    work_send, work_recv = anyio.create_memory_object_stream[Any](max_buffer_size=0)
     res_send, res_recv = anyio.create_memory_object_stream[_GroupResult](
         max_buffer_size=cfg.prompt_groups_per_step
     )
@@ -705,10 +701,9 @@ async def _loop(
     async with anyio.create_task_group() as tg:
         tg.start_soon(trainer_task)
         tg.start_soon(syncer_task)
-        tg.start_soon(_admitter, shared, rows, work_send)
-        async with work_recv, res_send:
+        async with res_send:
             for _ in range(cfg.rollout_workers):
-                tg.start_soon(_actor, rollouts, work_recv.clone(), res_send.clone())
+                tg.start_soon(_actor, shared, rows, rollouts, res_send.clone())
 
 
 def main(cfg: RLConfig) -> RunSummary:
