@@ -696,7 +696,7 @@ async def _loop(
                 summary.steps = step
                 if on_step is not None:
                     on_step({"step": step, **metrics})
-        tg.cancel_scope.cancel()  # the trainer is done: stop admitter and actors
+        tg.cancel_scope.cancel()  # the trainer is done: stop the actors
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(trainer_task)
