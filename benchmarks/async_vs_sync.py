@@ -1,6 +1,6 @@
 """Async vs sync on the REAL RL loop (``_loop``) with simulated rollouts, trainer and syncer.
 
-What is real: ``async_rl_loop._loop`` (admitter, rollout actors, trainer task, syncer task in
+What is real: ``async_rl_loop._loop`` (rollout actors admitting through the gate, trainer task, syncer task in
 one task group), ``AdmissionGate``, ``RowLedger`` and ``Trainer.collect`` / ``Trainer.accept``
 (staleness drops, zero-variance filtering, version offsets). What is simulated:
 
@@ -22,7 +22,7 @@ Workloads:
   does (``--pin`` pins the process to one CPU).
 
 An *orchestration event* is one hop of a group through the orchestrator, or a publish:
-a group admitted through the gate (admitter -> actor), a group sampled (actor -> trainer: a
+a group admitted through the gate (by an actor), a group sampled (actor -> trainer: a
 result the trainer routed, whether trained, filtered, stale-dropped or failed), a group
 accepted into a training batch, a policy version published. They are counted from the loop's
 own state after the run (``AdmissionGate`` counters and the run summary), not from the fakes:

@@ -1,4 +1,4 @@
-"""The real RL loop (``_loop``: admitter, actors, trainer, syncer) driven by simulated parts.
+"""The real RL loop (``_loop``: actors, trainer, syncer) driven by simulated parts.
 
 The gate, the ledger and ``Trainer.collect`` / ``Trainer.accept`` are the real ones; rollouts
 sleep a per-(row, attempt) latency and return real TrajectoryGroups stamped with the version
