@@ -1,7 +1,8 @@
 """Async vs sync on the REAL RL loop (``_loop``) with simulated rollouts, trainer and syncer.
 
 What is real: ``async_rl_loop._loop`` (rollout actors admitting through the gate, trainer
-task, syncer task in one task group), ``AdmissionGate``, ``RowLedger`` and ``Trainer.collect`` / ``Trainer.accept``
+task, syncer task in one task group), ``AdmissionGate``, ``RowLedger`` and
+``Trainer.collect`` / ``Trainer.accept``
 (staleness drops, zero-variance filtering, version offsets). What is simulated:
 
 - rollouts: each group sleeps a latency drawn from a seeded lognormal (long tail) for its
