@@ -186,3 +186,15 @@ async def test_fallback_after_a_failed_delta_save_writes_the_live_weights(
         {k: v.to(torch.bfloat16) for k, v in client.model.state_dict().items()}
     )
     assert all(bytes(r.data) == bytes(want[n].data) for n, r in mgr.current.tensors.items())
+
+
+@pytest.mark.anyio
+async def test_one_side_export_does_not_break_the_delta_chain(client: TrainingClient) -> None:
+    """The loop writes a promotable base at its final step before that step's sync."""
+    mgr = FakeDeployManager()
+    syncer = WeightSyncer(client, mgr, deployment=None)
+    await syncer.save_and_hotload("s0")
+    train_step(client, 1)
+    client.save_weights_for_sampler_ext("final-base", "base").result()
+    assert await syncer.save_and_hotload("s1") == "s1"
+    assert syncer.delta_fallbacks == 0 and mgr.loaded[-1][0] == "delta"

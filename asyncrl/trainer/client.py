@@ -515,8 +515,10 @@ class TrainingClient:
         )
 
     def _remember(self, host: Any, keep: str | None) -> None:
-        """Keep the new snapshot's host bytes and the one it was based on; drop the rest."""
-        kept = {k: v for k, v in self._host_snapshots.items() if k == keep}
+        """Keep the new snapshot's host bytes, the one it was based on, and the most recent
+        one before it (a side export, e.g. a promotable base, must not evict what the weight
+        syncer's next delta is computed against); drop the rest."""
+        kept = {k: v for k, v in self._host_snapshots.items() if k in (keep, self._last_identity)}
         kept[host.identity] = host
         self._host_snapshots = kept
         self._last_identity = host.identity
