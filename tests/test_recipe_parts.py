@@ -211,3 +211,35 @@ def test_cli_train_rejects_a_bad_config_file(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{not json")
     broken = CliRunner().invoke(app, ["train", str(tmp_path / "broken.json")])
     assert broken.exit_code != 0 and "broken.json" in broken.output
+
+
+@pytest.mark.anyio
+async def test_evaluate_runs_rewards_like_training_and_names_a_failing_row() -> None:
+    from types import SimpleNamespace
+
+    from asyncrl.errors import RolloutError
+    from asyncrl.models import build_tokenizer
+    from asyncrl.recipes.async_rl_loop import evaluate
+    from asyncrl.rollout.renderers import ImChatRenderer
+    from asyncrl.rollout.types import validate_row
+
+    class Sampler:
+        async def sample_with_prompt_tokens(self, prompt, n, max_tokens, temperature, **kw):
+            return [SimpleNamespace(text=t) for t in ("ab", "a")[:n]]
+
+    renderer = ImChatRenderer(build_tokenizer(128))
+    rows = [validate_row({"id": "e1", "prompt": "x"}, 0)]
+    mean = await evaluate(
+        Sampler(),
+        renderer,
+        lambda c, r: float(len(c.text)),
+        rows,
+        n=2,
+        max_tokens=4,
+        temperature=1.0,
+    )
+    assert mean == 1.5
+    with pytest.raises(RolloutError, match=r"row 'e1'.*returned None"):
+        await evaluate(
+            Sampler(), renderer, lambda c, r: None, rows, n=2, max_tokens=4, temperature=1.0
+        )

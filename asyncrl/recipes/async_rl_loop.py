@@ -452,9 +452,13 @@ async def evaluate(
     n: int,
     max_tokens: int,
     temperature: float,
+    timeout_s: float = 60.0,
 ) -> float:
-    """Mean reward of ``n`` samples per row (held-out evaluation)."""
+    """Mean reward of ``n`` samples per row (held-out evaluation). The reward function runs
+    like in training (a plain function off the loop, bounded by ``timeout_s``); any failure
+    stops the evaluation with a RolloutError naming the row."""
     scores: list[float] = []
+    policy = FailFast(timeout=timeout_s)
 
     async def one(row: Row) -> None:
         prompt = renderer.build_generation_prompt(row.messages())
@@ -462,12 +466,26 @@ async def evaluate(
             prompt, n, max_tokens, temperature, stop_token_ids=renderer.stop_token_ids
         )
         for c in outs:
-            value = reward_fn(c, row)
-            scores.append(check_reward(await value if hasattr(value, "__await__") else value))
+            value = await call_with_policy(
+                reward_fn,
+                (c, row),
+                policy=policy,
+                row_id=row.row_id,
+                stage="eval reward_fn",
+                validate=check_reward,
+            )
+            assert not isinstance(value, SampleFailure)  # FailFast raises instead
+            scores.append(value)
 
-    async with anyio.create_task_group() as tg:
-        for row in rows:
-            tg.start_soon(one, row)
+    try:
+        async with anyio.create_task_group() as tg:
+            for row in rows:
+                tg.start_soon(one, row)
+    except* RolloutError as group:  # one clear error, not a group of the concurrent rows'
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
     return statistics.fmean(scores)
 
 
@@ -605,6 +623,7 @@ async def _run_with_deployment(
                     n=4,
                     max_tokens=cfg.max_tokens,
                     temperature=cfg.temperature,
+                    timeout_s=cfg.reward_timeout_s,
                 )
                 log.info("eval", when=when, reward_mean=value)
                 return value

@@ -86,10 +86,13 @@ class _Worker:
         self._futures: weakref.WeakSet[TrainFuture[Any]] = weakref.WeakSet()
         self.closed = False
 
+    def check_open(self, op: str) -> None:
+        if self.closed:
+            raise ClosedResourceError(f"cannot call {op}: the training client is closed")
+
     def submit(self, op: str, fn: Callable[[], T]) -> TrainFuture[T]:
         with self._lock:
-            if self.closed:
-                raise ClosedResourceError(f"cannot call {op}: the training client is closed")
+            self.check_open(op)
             fut = TrainFuture(self._pool.submit(fn), op)
             self._futures.add(fut)
         return fut
@@ -276,7 +279,7 @@ class TrainingClient:
 
     def create_reference(self) -> ReferenceClient:
         """A frozen copy of the current weights (``forward`` only), e.g. for ref logprobs."""
-        self._check_open("create_reference")
+        self._worker.check_open("create_reference")
         frozen = copy.deepcopy(self._holder.model)
         for p in frozen.parameters():
             p.requires_grad_(False)
@@ -547,9 +550,6 @@ class TrainingClient:
         return out
 
     # ------------------------------------------------------------------------------ closing
-    def _check_open(self, op: str) -> None:
-        if self._worker.closed:
-            raise ClosedResourceError(f"cannot call {op}: the training client is closed")
 
     def close(self) -> None:
         """Finish queued work, report failed futures nobody read, release the worker."""
