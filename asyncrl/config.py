@@ -150,6 +150,8 @@ class RLConfig(StrictModel):
     reward_timeout_s: float = Field(60.0, gt=0)
     failure_policy: str = Field("drop_group", pattern="^(fail_fast|retry|drop_group)$")
     failure_retries: int = Field(2, ge=0)
+    # deployment crashes survived per run (restart / reconnect + base re-hotload) before giving up
+    max_deployment_restarts: int = Field(10, ge=0)
     deployment_url: str | None = None
     seed: int = 0
     eval_rows: list[dict[str, Any]] | None = None

@@ -9,6 +9,7 @@ checkpoints and metrics writer are in-memory fakes with the real call shapes.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import time
@@ -305,9 +306,9 @@ async def test_sync_mode_is_strictly_on_policy(tmp_path: Path) -> None:
     assert max(out.rollouts.started_at.values()) == 4
 
 
-def trained_per_epoch(out: Outcome) -> dict[int, Counter[int]]:
+def trained_per_epoch(trainer: FakeTrainer) -> dict[int, Counter[int]]:
     by_epoch: dict[int, Counter[int]] = {}
-    for s in out.trainer.steps:
+    for s in trainer.steps:
         for epoch, index in s.keys:
             by_epoch.setdefault(epoch, Counter())[index] += 1
     return by_epoch
@@ -341,7 +342,7 @@ async def test_rows_trained_once_per_epoch_despite_filtered_failed_and_stale(
         rewards=rewards,
         train_s=0.01,
     )
-    by_epoch = trained_per_epoch(out)
+    by_epoch = trained_per_epoch(out.trainer)
     ledger = out.shared.ledger
     closed = [e for e in by_epoch if e < ledger.epoch and e not in ledger.done]
     assert len(closed) >= 2, (sorted(by_epoch), sorted(ledger.done))
@@ -426,8 +427,165 @@ async def test_epoch_end_with_a_partial_step_does_not_stall(
         timeout_s=2.0,
     )
     assert out.client.step == 5
-    by_epoch = trained_per_epoch(out)
+    by_epoch = trained_per_epoch(out.trainer)
     assert len(by_epoch) >= 2
     for epoch, counts in by_epoch.items():
         assert max(counts.values()) == 1, f"epoch {epoch}: {counts}"
         assert not set(counts) & flat
+
+
+# ------------------------------------------------------------------ deployment crashes
+class CrashableDeployment:
+    """A fake owned deployment: ``kill()`` makes in-flight and new requests fail."""
+
+    base_url = "http://127.0.0.1:1"
+    owned = True
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.generation = 0  # bumped by every restart
+
+    def kill(self) -> None:
+        self.alive = False
+
+    def process_alive(self) -> bool:
+        return self.alive
+
+
+class RestartingManager:
+    async def is_alive(self, deployment: CrashableDeployment) -> bool:
+        return deployment.alive
+
+    async def reconnect_and_wait(self, deployment: CrashableDeployment, timeout: float) -> None:  # noqa: ASYNC109
+        await anyio.sleep(0.02)
+        deployment.alive = True
+        deployment.generation += 1
+
+
+class CrashingRollouts(FakeRollouts):
+    """A request fails while the deployment is down. A group that spans a restart but ends on
+    the restarted server (a retry inside the sampler got through) is returned with marker
+    tokens: the loop must not train it."""
+
+    STRADDLED = (9, 9)
+
+    def __init__(self, shared: _Shared, deployment: CrashableDeployment) -> None:
+        # every 5th row is slow: some groups are in flight across a whole restart
+        super().__init__(shared, lambda r, a: 0.05 if r % 5 == 0 else 0.003, varied)
+        self.deployment = deployment
+        self.straddled_returned = 0
+
+    async def group(self, row: Row) -> TrajectoryGroup | SampleFailure:
+        from asyncrl.errors import SamplingError
+
+        if not self.deployment.alive:
+            raise SamplingError("connection refused")
+        generation = self.deployment.generation
+        out = await super().group(row)
+        if not self.deployment.alive:
+            raise SamplingError("connection reset")
+        if self.deployment.generation != generation and isinstance(out, TrajectoryGroup):
+            self.straddled_returned += 1
+            turns = [Turn(self.STRADDLED, t.turns[0].action_tokens, t.turns[0].action_logprobs,
+                          t.turns[0].policy_version, t.reward, "stop") for t in out.trajectories]
+            return TrajectoryGroup(out.row_id, tuple(Trajectory((t,), t.reward) for t in turns))
+        return out
+
+
+class RecordingTrainer(FakeTrainer):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.straddled_trained = 0
+
+    async def train(self, batch: _Batch) -> dict[str, float]:
+        self.straddled_trained += sum(
+            g.trajectories[0].turns[0].observation_tokens == CrashingRollouts.STRADDLED
+            for g in batch.groups
+        )
+        return await super().train(batch)
+
+
+class SyncerDyingWithTheDeployment(FakeSyncer):
+    def __init__(self, deployment: CrashableDeployment) -> None:
+        super().__init__(0.002)
+        self.deployment = deployment
+        self.saves_queued = 0
+        self.resyncs: list[str] = []
+        self.previous_snapshot_identity = None
+
+    async def save_and_hotload(
+        self, name: str, checkpoint_type: str | None = None, *, after_submit: Any = None
+    ) -> str:
+        from asyncrl.errors import DeploymentError
+
+        self.saves_queued += 1
+        out = await super().save_and_hotload(name, checkpoint_type, after_submit=after_submit)
+        if not self.deployment.alive:
+            raise DeploymentError("hotload: connection refused")
+        return out
+
+    async def resync(self, name: str) -> str:
+        self.resyncs.append(name)
+        return name
+
+
+@pytest.mark.anyio
+async def test_deployment_killed_twice_mid_run_loses_and_duplicates_nothing(
+    tmp_path: Path,
+) -> None:
+    from asyncrl.chaos.report import audit_rows
+    from asyncrl.recipes.async_rl_loop import TracedLedger
+    from asyncrl.recipes.checkpoints import DATALOADER
+    from asyncrl.sync.supervisor import DeploymentSupervisor
+
+    n_rows, steps = 30, 12
+    cfg = RLConfig(
+        log_path=tmp_path,
+        base_model=tmp_path / "unused-model",
+        dataset=[{"prompt": "unused"}],
+        reward_fn=_unused_reward,
+        completions_per_prompt=4,
+        prompt_groups_per_step=4,
+        max_head_offpolicy_versions=1,
+        max_steps=steps,
+        rollout_workers=6,
+        weight_sync=WeightSyncConfig(dcp_save_interval=0),
+    )
+    rows = [Row(row_id=str(i), prompt=f"question {i}") for i in range(n_rows)]
+    shared = _Shared(AdmissionGate(4, 1), TracedLedger(n_rows))
+    client = FakeClient(tmp_path / "sampler")
+    deployment = CrashableDeployment()
+    rollouts = CrashingRollouts(shared, deployment)
+    trainer = RecordingTrainer(cfg, client, shared, 0.01)
+    syncer = SyncerDyingWithTheDeployment(deployment)
+    supervisor = DeploymentSupervisor(
+        RestartingManager(), deployment, syncer, snapshot_root=tmp_path, check_interval_s=0.01
+    )
+    metrics = FakeMetrics()
+    summary = RunSummary(tmp_path, 0, None, None, None)
+
+    def on_step(m: dict[str, Any]) -> None:
+        if m["step"] in (3, 7):  # kill it while the actors sample the next steps
+            deployment.kill()
+
+    with anyio.fail_after(10):
+        await _loop(cfg, shared, rows, rollouts, trainer, syncer, FakeCheckpoints(),  # type: ignore[arg-type]
+                    metrics, summary, on_step, supervisor=supervisor)
+    assert client.step == steps
+    assert supervisor.restarts == 2 and len(syncer.resyncs) == 2
+    assert [m["deployment/restarts"] for _, m in metrics.rows][-1] == 2.0
+    assert sum(m["deployment/recover_time"] for _, m in metrics.rows) > 0
+    # in-flight groups failed and were sampled again; none sampled across a restart trained
+    assert trainer.straddled_trained == 0
+    assert any(n >= 2 for n in rollouts.attempts.values())
+    assert sum(m["rollout/groups_failed"] for _, m in metrics.rows) == 0
+    for epoch, counts in trained_per_epoch(trainer).items():
+        assert max(counts.values()) == 1, f"epoch {epoch}: {counts}"
+    # the rows trace agrees with the final row state (as a checkpoint would record it)
+    (tmp_path / DATALOADER).write_text(
+        json.dumps({"final": {"step": steps, **shared.ledger.state()}})
+    )
+    audit = audit_rows(tmp_path, n_rows)
+    assert (audit.steps, audit.lost, audit.duplicated, audit.unaccounted) == (steps, 0, 0, 0)
+    assert audit.finished == shared.ledger.consumed
+

@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -29,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiofiles
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from asyncrl.config import RLConfig
-from asyncrl.errors import RolloutError
+from asyncrl.errors import RolloutError, SamplingError
 from asyncrl.logging import get_logger
 from asyncrl.recipes.checkpoints import TrainingCheckpoints, promote_checkpoint
 from asyncrl.recipes.data import RowKey, RowLedger, load_rows
@@ -48,6 +50,7 @@ from asyncrl.rollout.rewards import (
     check_reward,
 )
 from asyncrl.rollout.types import RolloutContext, Row, Trajectory, TrajectoryGroup, Turn
+from asyncrl.sync.supervisor import DeploymentSupervisor, fresh_snapshot_name
 
 __all__ = ["Config", "RunSummary", "main", "run"]
 
@@ -389,6 +392,7 @@ async def _actor(
     rows: list[Row],
     rollouts: Rollouts,
     results: MemoryObjectSendStream[_GroupResult],
+    supervisor: DeploymentSupervisor | None = None,
 ) -> None:
     """Admit a row when the gate allows, sample its group, hand the result to the trainer.
 
@@ -402,11 +406,36 @@ async def _actor(
             key = shared.ledger.take()
             shared.gate.admit()
             row = rows[key[1]]
-            out = await rollouts.group(row)
+            out = await _sample_group(rollouts, row, supervisor)
             if isinstance(out, SampleFailure):
                 await _send(results, _GroupResult(key, row, None, out))
             else:
                 await _send(results, _GroupResult(key, row, out, None))
+
+
+async def _sample_group(
+    rollouts: Rollouts, row: Row, supervisor: DeploymentSupervisor | None
+) -> TrajectoryGroup | SampleFailure:
+    """One group for ``row``. Under a supervisor, a group whose requests failed because the
+    deployment died, or that was sampled across a restart, is sampled again (same row: the
+    ledger and the gate never see it); a sampling failure on a healthy deployment follows the
+    failure policy (fail_fast raises, otherwise the group counts as failed)."""
+    if supervisor is None:
+        return await rollouts.group(row)
+    while True:
+        epoch = await supervisor.wait_serving()
+        try:
+            out = await rollouts.group(row)
+        except SamplingError as exc:
+            if await supervisor.on_sampling_error(epoch):
+                log.info("group_resampled_after_recovery", row_id=row.row_id)
+                continue
+            if isinstance(rollouts.policy, FailFast):
+                raise RolloutError(f"row {row.row_id!r}: sampling failed: {exc}") from exc
+            return SampleFailure(row.row_id, "sampling", f"{type(exc).__name__}: {exc}", 1)
+        if supervisor.epoch == epoch:
+            return out
+        log.info("group_resampled_after_recovery", row_id=row.row_id)
 
 
 async def _send(stream: MemoryObjectSendStream[Any], item: Any) -> None:
@@ -434,13 +463,6 @@ def _checkpoint_due(cfg: RLConfig, step: int) -> bool:
     """A periodic DCP checkpoint (``dcp_save_interval``) or the final one is saved at ``step``."""
     interval = cfg.weight_sync.dcp_save_interval
     return step >= cfg.max_steps or bool(interval and step % interval == 0)
-
-
-def _fresh_name(root: Path, name: str) -> str:
-    candidate, k = name, 1
-    while (root / candidate).exists() or (root / f"{candidate}-base").exists():
-        candidate, k = f"{name}-r{k}", k + 1
-    return candidate
 
 
 async def evaluate(
@@ -531,8 +553,26 @@ async def _open_deployment(mgr: Any, cfg: RLConfig, client: Any) -> Any:
     )
 
 
+class TracedLedger(RowLedger):
+    """A RowLedger that also lists the rows finished since ``drain_finished`` was last called."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._finished: list[RowKey] = []
+
+    def finish(self, key: RowKey) -> None:
+        super().finish(key)
+        self._finished.append(key)
+
+    def drain_finished(self) -> list[RowKey]:
+        out, self._finished = self._finished, []
+        return out
+
+
 def _shared_state(cfg: RLConfig, n_rows: int, step0: int, resumed: Any) -> _Shared:
-    ledger = RowLedger.from_state(n_rows, resumed.data) if resumed else RowLedger(n_rows)
+    ledger = (
+        TracedLedger.from_state(n_rows, resumed.data) if resumed else TracedLedger(n_rows)
+    )
     # the gate counts groups since step 0: a resumed run has consumed step0 steps' worth
     gate = AdmissionGate(
         cfg.prompt_groups_per_step,
@@ -604,13 +644,21 @@ async def _run_with_deployment(
             reset_prompt_cache=ws.reset_prompt_cache,
             inflight=ws.inflight,
         )
-        await syncer.save_and_hotload(_fresh_name(client.sampler_root, f"step-{step0}"))
+        await syncer.save_and_hotload(fresh_snapshot_name(client.sampler_root, f"step-{step0}"))
         async with DeploymentSampler(
             deployment.base_url,
             POLICY_MODEL_NAME,
             max_context_len=cfg.max_context_len,
             policy_version_fn=lambda: shared.version,
         ) as sampler:
+            supervisor = DeploymentSupervisor(
+                mgr,
+                deployment,
+                syncer,
+                snapshot_root=client.sampler_root,
+                max_restarts=cfg.max_deployment_restarts,
+                on_recovered=sampler.mark_healthy,
+            )
 
             async def held_out(when: str) -> float | None:
                 if not eval_rows:
@@ -646,6 +694,7 @@ async def _run_with_deployment(
                     metrics_writer,
                     summary,
                     on_step,
+                    supervisor=supervisor,
                 )
             summary.eval_after = await held_out("after")
     return summary
@@ -666,7 +715,11 @@ async def _loop(
     metrics_writer: Any,
     summary: RunSummary,
     on_step: Callable[[dict[str, Any]], None] | None,
+    *,
+    supervisor: DeploymentSupervisor | None = None,
 ) -> None:
+    """Actors, trainer and weight sync in one task group. With a ``supervisor`` the weight
+    sync goes through it and a watchdog task recovers the deployment when it dies."""
     res_send, res_recv = anyio.create_memory_object_stream[_GroupResult](
         max_buffer_size=cfg.prompt_groups_per_step
     )
@@ -686,6 +739,8 @@ async def _loop(
                 metrics["perf/tokens_per_s"] = metrics["train/trained_tokens"] / (now - last)
                 last = now
                 step = client.step
+                # before the checkpoint: a state never covers rows the trace does not show
+                await _trace_rows(cfg.log_path, step, batch, shared)
                 if _checkpoint_due(cfg, step):
                     # here, not in the sync task: the state must be queued on the trainer's
                     # worker before our next step's work, so weights and row accounting agree
@@ -694,20 +749,25 @@ async def _loop(
                 await sync_send.send((step, metrics, queued))
                 await queued.wait()  # the snapshot is queued before our next step's work
 
+    sync = supervisor if supervisor is not None else syncer
+
     async def syncer_task() -> None:
+        recoveries_seen = 0
         async with sync_recv:
             async for step, metrics, queued in sync_recv:
-                name = _fresh_name(client.sampler_root, f"step-{step}")
-                await syncer.save_and_hotload(name, after_submit=queued.set)
-                timing = syncer.last_timing
+                name = fresh_snapshot_name(client.sampler_root, f"step-{step}")
+                await sync.save_and_hotload(name, after_submit=queued.set)
+                timing = sync.last_timing
                 metrics.update(
                     {
                         "perf/weight_sync_time": timing.total_s,
                         "sync/bytes": timing.nbytes,
                         "sync/is_delta": float(timing.kind == "delta"),
                         **shared.counters.take(),
+                        **_recovery_metrics(supervisor, recoveries_seen),
                     }
                 )
+                recoveries_seen = supervisor.restarts if supervisor else 0
                 shared.gate.on_published(step)
                 shared.pulse()
                 await metrics_writer.write(step, metrics)
@@ -720,9 +780,36 @@ async def _loop(
     async with anyio.create_task_group() as tg:
         tg.start_soon(trainer_task)
         tg.start_soon(syncer_task)
+        if supervisor is not None:
+            tg.start_soon(supervisor.watch)
         async with res_send:
             for _ in range(cfg.rollout_workers):
-                tg.start_soon(_actor, shared, rows, rollouts, res_send.clone())
+                tg.start_soon(_actor, shared, rows, rollouts, res_send.clone(), supervisor)
+
+
+def _recovery_metrics(supervisor: DeploymentSupervisor | None, seen: int) -> dict[str, float]:
+    """Deployment recoveries so far, and the seconds the ones since the last step took."""
+    if supervisor is None:
+        return {}
+    return {
+        "deployment/restarts": float(supervisor.restarts),
+        "deployment/recover_time": float(sum(supervisor.recover_s[seen:])),
+    }
+
+
+async def _trace_rows(log_path: Path, step: int, batch: _Batch, shared: _Shared) -> None:
+    """Append this step's rows to ``{log_path}/rows.jsonl``: the ones trained, and every row
+    finished since the last step (trained, filtered, or failed under the policy). The audit of
+    a run (``asyncrl.chaos.report.audit_rows``) proves from it that no row was lost or trained
+    twice, across crashes and resumes."""
+    finished = shared.ledger.drain_finished() if isinstance(shared.ledger, TracedLedger) else []
+    record = {
+        "step": step,
+        "trained": [list(k) for k in batch.indices],
+        "finished": [list(k) for k in finished],
+    }
+    async with aiofiles.open(log_path / "rows.jsonl", "a") as f:
+        await f.write(json.dumps(record) + "\n")
 
 
 def main(cfg: RLConfig) -> RunSummary:

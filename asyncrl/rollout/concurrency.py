@@ -433,6 +433,13 @@ class Router:
             dep.timeouts += 1
         return HealthEvent.UNHEALTHY if dep.breaker.record_failure(now) else None
 
+    def mark_healthy(self, url: str | None = None) -> int:
+        """Close the breakers of ``url`` (default: all), e.g. after the deployment behind it
+        was restarted. Returns how many were open or half-open."""
+        return sum(
+            dep.breaker.record_success() for dep in self._deps if url is None or dep.url == url
+        )
+
     def all_open(self, now: float) -> bool:
         """Every breaker is open and none is past its cooldown: failing everywhere."""
         return all(d.breaker.state(now) is BreakerState.OPEN for d in self._deps)
@@ -572,6 +579,11 @@ class DeploymentGate:
             waiter = self._waiters.popleft()
             waiter.ticket = got
             waiter.event.set()
+
+    def mark_healthy(self, url: str | None = None) -> None:
+        """Close the breakers of ``url`` (default: all) and hand slots to waiters."""
+        self.router.mark_healthy(url)
+        self._dispatch()
 
     def _circuit_open_error(self) -> CircuitOpenError:
         return CircuitOpenError(self.router.all_open_message(self._clock()))

@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from asyncrl.errors import ConfigError, RolloutError
+from asyncrl.errors import ConfigError, RolloutError, SamplingError
 from asyncrl.logging import get_logger
 
 __all__ = [
@@ -118,7 +118,9 @@ async def call_with_policy(
 ) -> Any | SampleFailure:
     """Call ``fn(*args)`` under ``policy``; return its validated value or a SampleFailure.
 
-    FailFast raises RolloutError instead of returning a failure.
+    FailFast raises RolloutError instead of returning a failure. A SamplingError (the
+    deployment failed under a rollout_fn) propagates unchanged: it is not the user's fault,
+    and the loop may recover the deployment and sample the row again.
     """
     retries = policy.max_retries if isinstance(policy, RetryOnFailure) else 0
     cause = ""
@@ -127,6 +129,8 @@ async def call_with_policy(
             return validate(await _call_once(fn, args, policy.timeout))
         except TimeoutError:
             cause = f"timed out after {policy.timeout}s"
+        except SamplingError:  # the deployment failed, not the user's code: the loop decides
+            raise
         except Exception as exc:  # user code: any error is recorded with its cause
             cause = f"{type(exc).__name__}: {exc}"
         log.warning("sample_failed", row_id=row_id, stage=stage, attempt=attempt, cause=cause)

@@ -658,6 +658,16 @@ class DeploymentSampler:
 
     # ----------------------------------------------------------------- lifecycle
 
+    def mark_healthy(self, base_url: str | None = None) -> None:
+        """Forget the failures of ``base_url`` (default: every deployment): its circuit
+        breaker closes and waiting requests go at once. Call it after the deployment was
+        restarted and checked, rather than wait out the breaker's cooldown."""
+        url = None if base_url is None else _normalize_base_url(base_url)
+        if url is not None and url not in self.base_urls:
+            raise ConfigError(f"{base_url!r} is not one of this sampler's deployments")
+        self._gate.mark_healthy(url)
+        self._log.info("sampler.marked_healthy", base_url=url or "all")
+
     def _ensure_open(self) -> None:
         if self._closed:
             raise ClosedResourceError("DeploymentSampler is closed")

@@ -382,17 +382,68 @@ def log_tail(path: Path | None, max_bytes: int = _LOG_TAIL_BYTES) -> str:
 _LIVE_GROUPS: set[int] = set()
 
 
+# Run as ``python -c _LAUNCHER <parent pid> <cmd...>``: on Linux, ask the kernel to SIGKILL
+# the server if the process that started it dies (even by SIGKILL, where no atexit runs),
+# then exec the server. The death signal survives exec; the parent-pid check covers a parent
+# that died before the prctl.
+_LAUNCHER = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+PGID_SUFFIX = ".pgid"
+
+
 def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    reap_stale_groups(log_path.parent)
+    launch = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *cmd]
     with open(log_path, "ab") as log:
         log.write(f"\n=== asyncrl: starting {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            launch, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True, close_fds=True,
         )
     _LIVE_GROUPS.add(proc.pid)
+    # the group id, for a later run to reap what a SIGKILL of this process left behind
+    log_path.with_suffix(PGID_SUFFIX).write_text(f"{proc.pid}\n")
     return proc
+
+
+def reap_stale_groups(log_dir: Path) -> list[int]:
+    """SIGKILL the process groups recorded in ``log_dir/*.pgid`` by an earlier process that
+    died without stopping its servers (e.g. it was SIGKILLed: vLLM's engine processes may
+    outlive their API server). Only groups whose members still run a vLLM server are touched
+    (a recycled pid is left alone). Returns the group ids killed."""
+    killed = []
+    for record in sorted(Path(log_dir).glob(f"*{PGID_SUFFIX}")):
+        try:
+            pgid = int(record.read_text().strip())
+        except (OSError, ValueError):
+            pgid = 0
+        if pgid and pgid not in _LIVE_GROUPS and _runs_vllm(process_group_members(pgid)):
+            _log.warning("deployment.reaping_stale_server", pgid=pgid, record=str(record))
+            _signal_group(pgid, signal.SIGKILL)
+            killed.append(pgid)
+        if pgid not in _LIVE_GROUPS:
+            record.unlink(missing_ok=True)
+    return killed
+
+
+def _runs_vllm(pids: Sequence[int]) -> bool:
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"vllm" in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _leader_exited(proc: subprocess.Popen[bytes]) -> bool:
@@ -534,6 +585,8 @@ class Deployment:
         if self._process is not None and self.config is not None:
             proc, self._process = self._process, None
             code = await _stop_process(proc, self.config.stop_grace_s)
+            if self.log_path is not None:
+                self.log_path.with_suffix(PGID_SUFFIX).unlink(missing_ok=True)
             _log.info("deployment.stopped", base_url=self.base_url, pid=proc.pid, returncode=code)
 
     async def aclose(self) -> None:
@@ -659,9 +712,9 @@ class DeploymentManager:
         _log.info("deployment.ready", base_url=deployment.base_url, pid=deployment.pid,
                   startup_s=round(time.monotonic() - since, 2))
 
-    async def _healthy(self, deployment: Deployment) -> bool:
+    async def _healthy(self, deployment: Deployment, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
         try:
-            response = await deployment._client.get("/health", timeout=5.0)
+            response = await deployment._client.get("/health", timeout=timeout)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
@@ -730,6 +783,33 @@ class DeploymentManager:
             with anyio.CancelScope(shield=True):
                 await deployment._stop()
             raise
+
+    async def reconnect_and_wait(
+        self,
+        deployment: Deployment,
+        timeout: float | None = None,  # noqa: ASYNC109 - the public API takes a timeout
+    ) -> None:
+        """Get a deployment that stopped answering serving again: an owned server is
+        restarted; for an attached one (restarted by whoever runs it) the connection pool is
+        dropped and ``/health`` polled until it answers, up to ``timeout`` (default 600 s).
+        Either way the server then serves the weights it started with: hotload a base."""
+        self._check_open()
+        deployment._check_open()
+        async with deployment._lock:
+            if deployment.owned:
+                await self._restart_locked(deployment)
+                return
+            await deployment._client.aclose()
+            deployment._client = deployment._new_client()
+        await self.wait_for_ready(deployment, timeout=600.0 if timeout is None else timeout)
+
+    async def is_alive(self, deployment: Deployment, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
+        """A cheap liveness check: an owned server's process is running and ``/health``
+        answers 200 within ``timeout``."""
+        self._check_open()
+        if deployment.closed or (deployment.owned and not deployment.process_alive()):
+            return False
+        return await self._healthy(deployment, timeout)
 
     def _forget(self, deployment: Deployment) -> None:
         self._deployments = {k: d for k, d in self._deployments.items() if d is not deployment}

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+
 from asyncrl.errors import (
     ChecksumError,
     ClosedResourceError,
@@ -87,6 +89,9 @@ class WeightSyncer:
         self.delta_fallbacks = 0
         self.syncs = 0
         self._last_saved: str | None = None
+        self._newest_saved: str | None = None
+        self.saves_queued = 0  # saves handed to the trainer's worker (for DeploymentSupervisor)
+        self._lock = anyio.Lock()
         self._closed = False
 
     @property
@@ -110,6 +115,23 @@ class WeightSyncer:
         trainer may then queue its next step, which runs after the save (calls run in order)."""
         if self._closed:
             raise ClosedResourceError("WeightSyncer is closed")
+        async with self._lock:
+            return await self._save_and_hotload(name, checkpoint_type, after_submit)
+
+    async def resync(self, name: str) -> str:
+        """Make a deployment that lost its weights (restarted, or replaced by whoever runs it)
+        serve the newest saved snapshot again: the chain is reset and that snapshot's weights
+        are hotloaded as a base ``name``. Before any save it is the live weights' base."""
+        if self._closed:
+            raise ClosedResourceError("WeightSyncer is closed")
+        async with self._lock:
+            self.chain.reset()
+            log.warning("resync_base", name=name, source=self._newest_saved)
+            return await self._sync(name, "base", source=self._newest_saved)
+
+    async def _save_and_hotload(
+        self, name: str, checkpoint_type: str | None, after_submit: Callable[[], None] | None
+    ) -> str:
         status = await self.mgr.get_status(self.deployment)
         self.chain.observe_served_identity(status.current_snapshot_identity)
         requested = checkpoint_type
@@ -150,10 +172,11 @@ class WeightSyncer:
             previous_snapshot_identity=self.chain.previous_snapshot_identity,
             source_identity=source,
         )
+        self.saves_queued += 1
         if after_submit is not None:
             after_submit()
         saved = await future
-        self._last_saved = saved.snapshot_identity
+        self._last_saved = self._newest_saved = saved.snapshot_identity
         self.chain.on_saved(saved.snapshot_identity, kind)
         result = await self.hotload(
             saved.snapshot_identity, saved.path, saved.incremental_snapshot_metadata

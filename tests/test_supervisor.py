@@ -1,0 +1,248 @@
+"""DeploymentSupervisor against a fake manager / syncer: detection, single-flight recovery,
+re-sync of the newest saved weights, sync retries, limits. (The real thing, SIGKILLing a vLLM
+server mid-run, is tests/test_chaos_deployment.py.)"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from asyncrl.errors import ConfigError, DeploymentError
+from asyncrl.sync.supervisor import DeploymentSupervisor, fresh_snapshot_name
+
+
+@dataclass
+class FakeDeployment:
+    base_url: str = "http://127.0.0.1:1"
+    owned: bool = True
+    alive: bool = True
+    healthy: bool = True
+
+    def process_alive(self) -> bool:
+        return self.alive
+
+
+@dataclass
+class FakeManager:
+    restart_s: float = 0.01
+    fail_restarts: int = 0  # the next N restarts raise DeploymentError
+    restarts: int = 0
+    checks: int = 0
+
+    async def is_alive(self, deployment: FakeDeployment) -> bool:
+        self.checks += 1
+        return deployment.alive and deployment.healthy
+
+    async def reconnect_and_wait(self, deployment: FakeDeployment, timeout: float) -> None:  # noqa: ASYNC109
+        await anyio.sleep(self.restart_s)
+        if self.fail_restarts:
+            self.fail_restarts -= 1
+            raise DeploymentError("simulated: server did not come up")
+        self.restarts += 1
+        deployment.alive = deployment.healthy = True
+
+
+@dataclass
+class FakeSyncer:
+    """Saves are numbered; a hotload fails while the deployment is down."""
+
+    deployment: FakeDeployment
+    fail_before_save: bool = False
+    saves_queued: int = 0
+    served: list[str] = field(default_factory=list)
+    resyncs: list[str] = field(default_factory=list)
+    newest: str | None = None
+    previous_snapshot_identity: str | None = None
+    last_timing: object = None
+
+    async def save_and_hotload(
+        self, name: str, checkpoint_type: str | None = None, *, after_submit=None
+    ) -> str:
+        if self.fail_before_save and not self.deployment.alive:
+            raise DeploymentError("status read failed: connection refused")
+        self.saves_queued += 1
+        if after_submit is not None:
+            after_submit()
+        self.newest = name
+        await anyio.lowlevel.checkpoint()
+        if not self.deployment.alive:
+            raise DeploymentError("hotload failed: connection refused")
+        self.served.append(name)
+        return name
+
+    async def resync(self, name: str) -> str:
+        self.resyncs.append(name)
+        self.served.append(f"base-of:{self.newest}")
+        return name
+
+
+def make(tmp_path: Path, **kwargs: object) -> tuple[DeploymentSupervisor, FakeManager, FakeSyncer]:
+    deployment = FakeDeployment()
+    mgr = FakeManager()
+    syncer = FakeSyncer(deployment)
+    recovered: list[int] = []
+    sup = DeploymentSupervisor(
+        mgr,
+        deployment,
+        syncer,
+        snapshot_root=tmp_path,
+        check_interval_s=0.01,
+        on_recovered=lambda: recovered.append(1),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    sup.recovered_calls = recovered  # type: ignore[attr-defined]
+    return sup, mgr, syncer
+
+
+@pytest.mark.anyio
+async def test_recovery_restarts_resyncs_and_bumps_epoch(tmp_path: Path) -> None:
+    sup, mgr, syncer = make(tmp_path)
+    sup.deployment.alive = False
+    await sup.recover("test", 0)
+    assert (sup.epoch, sup.restarts, mgr.restarts) == (1, 1, 1)
+    assert syncer.resyncs == ["recovery-1"]
+    assert sup.resynced_name == "recovery-1"
+    assert sup.recovered_calls == [1]  # type: ignore[attr-defined]
+    assert len(sup.recover_s) == 1 and sup.recover_s[0] > 0
+    # a caller that saw epoch 0 after the recovery ran does not recover again
+    await sup.recover("late", 0)
+    assert (sup.epoch, mgr.restarts) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_recovery_of_a_live_but_identityless_deployment_only_resyncs(
+    tmp_path: Path,
+) -> None:
+    # e.g. the manager restarted the engine itself after a failed hotload: it is up, but
+    # serves model_dir; the base must still be re-hotloaded
+    sup, mgr, syncer = make(tmp_path)
+    await sup.recover("hotload failed", 0)
+    assert mgr.restarts == 0
+    assert syncer.resyncs == ["recovery-1"]
+
+
+@pytest.mark.anyio
+async def test_concurrent_reports_run_one_recovery_and_sampling_waits(tmp_path: Path) -> None:
+    sup, mgr, syncer = make(tmp_path)
+    mgr.restart_s = 0.2
+    sup.deployment.alive = False
+    answers: list[bool] = []
+
+    async def actor() -> None:
+        answers.append(await sup.on_sampling_error(0))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(actor)
+        await anyio.sleep(0.05)
+        # a recovery is running: sampling must wait for it
+        with anyio.move_on_after(0.05) as scope:
+            await sup.wait_serving()
+        assert scope.cancelled_caught
+    assert answers == [True] * 5
+    assert (mgr.restarts, len(syncer.resyncs), sup.epoch) == (1, 1, 1)
+    assert await sup.wait_serving() == 1
+
+
+@pytest.mark.anyio
+async def test_sampling_error_on_a_healthy_deployment_is_a_real_error(tmp_path: Path) -> None:
+    sup, mgr, _ = make(tmp_path)
+    assert await sup.on_sampling_error(0) is False
+    assert (sup.epoch, mgr.restarts) == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_sync_that_died_after_its_save_is_served_by_the_recovery_base(
+    tmp_path: Path,
+) -> None:
+    sup, _, syncer = make(tmp_path)
+    sup.deployment.alive = False
+    submitted: list[int] = []
+    name = await sup.save_and_hotload("step-3", after_submit=lambda: submitted.append(1))
+    # saved once (the trainer may already run the next step: never saved again), then the
+    # recovery's base of that very snapshot is what the deployment serves
+    assert syncer.saves_queued == 1 and submitted == [1]
+    assert syncer.served == ["base-of:step-3"]
+    assert name == "recovery-1"
+
+
+@pytest.mark.anyio
+async def test_sync_that_died_before_its_save_is_retried(tmp_path: Path) -> None:
+    sup, _, syncer = make(tmp_path)
+    syncer.fail_before_save = True
+    sup.deployment.alive = False
+    submitted: list[int] = []
+    name = await sup.save_and_hotload("step-3", after_submit=lambda: submitted.append(1))
+    assert name == "step-3"
+    assert syncer.saves_queued == 1 and submitted == [1]
+    assert syncer.served == ["base-of:None", "step-3"]
+
+
+@pytest.mark.anyio
+async def test_too_many_restarts_stop_the_run(tmp_path: Path) -> None:
+    sup, _, _ = make(tmp_path, max_restarts=2)
+    for epoch in range(2):
+        await sup.recover("crash", epoch)
+    with pytest.raises(DeploymentError, match="after 2 recoveries"):
+        await sup.recover("crash", 2)
+
+
+@pytest.mark.anyio
+async def test_recovery_retries_a_failed_restart_then_gives_up(tmp_path: Path) -> None:
+    sup, mgr, _ = make(tmp_path, attempts=3)
+    sup.deployment.alive = False
+    mgr.fail_restarts = 1
+    await sup.recover("crash", 0)
+    assert mgr.restarts == 1
+    sup.deployment.alive = False
+    mgr.fail_restarts = 3
+    with pytest.raises(DeploymentError, match="in 3 attempts"):
+        await sup.recover("crash", 1)
+
+
+@pytest.mark.anyio
+async def test_watchdog_notices_a_dead_process_and_recovers(tmp_path: Path) -> None:
+    sup, mgr, syncer = make(tmp_path)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        await anyio.sleep(0.05)
+        assert sup.restarts == 0  # healthy: checked, nothing done
+        assert mgr.checks >= 2
+        sup.deployment.alive = False
+        with anyio.fail_after(2):
+            while sup.restarts < 1:  # noqa: ASYNC110 - polling what the fakes record
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert syncer.resyncs == ["recovery-1"]
+
+
+@pytest.mark.anyio
+async def test_watchdog_needs_consecutive_failed_checks_for_a_live_process(
+    tmp_path: Path,
+) -> None:
+    sup, mgr, _ = make(tmp_path, failed_checks=3)
+    sup.deployment.healthy = False  # process alive, /health failing (e.g. hung)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        with anyio.fail_after(2):
+            while sup.restarts < 1:  # noqa: ASYNC110 - polling what the fakes record
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    assert mgr.checks >= 3
+
+
+def test_fresh_snapshot_name_skips_existing(tmp_path: Path) -> None:
+    assert fresh_snapshot_name(tmp_path, "step-1") == "step-1"
+    (tmp_path / "step-1").mkdir()
+    assert fresh_snapshot_name(tmp_path, "step-1") == "step-1-r1"
+    (tmp_path / "step-1-r1-base").mkdir()
+    assert fresh_snapshot_name(tmp_path, "step-1") == "step-1-r2"
+
+
+def test_bad_settings_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="check_interval_s"):
+        DeploymentSupervisor(None, None, None, snapshot_root=tmp_path, check_interval_s=0)
