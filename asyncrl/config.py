@@ -37,10 +37,33 @@ def validate_output_model_id(value: str) -> str:
     return value
 
 
+Problem = tuple[str, str]  # ("weight_sync.dcp_save_interval", "Input should be ...")
+
+
+def _invalid(model_name: str, problems: list[Problem]) -> ConfigError:
+    """The ConfigError for a model; it keeps its problems (``.problems``), so a nested model's
+    are reported with their full field path (``weight_sync.dcp_save_interval``) rather than
+    wrapped in the parent's message."""
+    text = "; ".join(f"{loc or '<root>'}: {msg}" for loc, msg in problems)
+    error = ConfigError(f"invalid {model_name}: {text}")
+    error.problems = problems  # type: ignore[attr-defined]
+    return error
+
+
+def _problem_list(exc: ValidationError) -> list[Problem]:
+    out: list[Problem] = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        nested = getattr(err.get("ctx", {}).get("error"), "problems", None)
+        if nested is not None:  # a nested StrictModel's own __init__ failed
+            out += [(".".join(p for p in (loc, sub) if p), msg) for sub, msg in nested]
+        else:
+            out.append((loc, err["msg"]))
+    return out
+
+
 def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-    )
+    return "; ".join(f"{loc or '<root>'}: {msg}" for loc, msg in _problem_list(exc))
 
 
 class StrictModel(BaseModel):
@@ -52,7 +75,7 @@ class StrictModel(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(f"invalid {type(self).__name__}: {_problems(exc)}") from None
+            raise _invalid(type(self).__name__, _problem_list(exc)) from None
 
 
 class WeightSyncConfig(StrictModel):
@@ -70,7 +93,7 @@ def parse_config(model: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid {model.__name__}: {_problems(exc)}") from exc
+        raise _invalid(model.__name__, _problem_list(exc)) from exc
 
 
 def _resolve_callable(value: Any, field: str) -> Any:
@@ -92,6 +115,8 @@ def _resolve_callable(value: Any, field: str) -> Any:
 
 class LossSettings(StrictModel):
     """The policy loss (see asyncrl.trainer.losses.LossConfig)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     name: str = "grpo"
     eps_clip: float = Field(0.2, ge=0)
@@ -123,7 +148,9 @@ class LossSettings(StrictModel):
 class RLConfig(StrictModel):
     """The async RL recipe's config (the seeds' ``rl_loop.Config`` shape)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False
+    )
 
     log_path: Path
     base_model: Path
@@ -187,6 +214,15 @@ class RLConfig(StrictModel):
                 f"init_from_checkpoint must be 'run_log_path:checkpoint', got {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _fits_context(self) -> RLConfig:
+        if self.max_tokens >= self.max_context_len:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must be < max_context_len "
+                f"({self.max_context_len}): no prompt would fit"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_of(self) -> RLConfig:

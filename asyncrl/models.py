@@ -22,7 +22,7 @@ from typing import Any
 
 from asyncrl.errors import ConfigError
 
-__all__ = ["PRESETS", "ModelPreset", "build_tokenizer", "make_tiny_model"]
+__all__ = ["PRESETS", "ModelPreset", "build_tokenizer", "check_model_dir", "make_tiny_model"]
 
 VLLM_CPU_HEAD_DIMS = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})
 
@@ -143,6 +143,59 @@ def make_tiny_model(
     tokenizer.save_pretrained(out)
     _write_json(out / "asyncrl_model.json", {"preset": preset, "seed": seed, "dtype": dtype})
     return out
+
+
+# any one of these is a usable tokenizer (fast tokenizer, sentencepiece, or BPE vocab + merges)
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+
+
+def check_model_dir(model_dir: str | Path, *, tokenizer: bool = True) -> Path:
+    """Raise ConfigError naming everything an HF model directory lacks to be trained and served.
+
+    Checked: the directory exists; ``config.json`` is a JSON object; safetensors weights exist
+    (a ``model.safetensors.index.json`` must name shards that all exist); and, with
+    ``tokenizer``, one of :data:`TOKENIZER_FILES`. Pickled ``*.bin`` weights are not accepted:
+    loading them runs arbitrary code."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ConfigError(f"model directory {path} {what}")
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    missing += _missing_weights(path)
+    if tokenizer and not any(all((path / f).is_file() for f in fs) for fs in TOKENIZER_FILES):
+        missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
+    if missing:
+        raise ConfigError(f"model directory {path} is missing {', '.join(missing)}")
+    _check_json_object(path / "config.json")
+    return path
+
+
+def _missing_weights(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _check_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConfigError(f"{index} has no 'weight_map' object naming the weight shards")
+        shards = sorted(set(map(str, weight_map.values())))
+        absent = [s for s in shards if not (path / s).is_file()]
+        return [f"weight shard {s} (named in {index.name})" for s in absent]
+    if any(path.glob("*.safetensors")):
+        return []
+    pickled = sorted(p.name for p in path.glob("*.bin"))
+    if pickled:
+        return [f"model.safetensors (found only pickled weights {pickled}; convert them to "
+                "safetensors: asyncrl never loads pickles)"]
+    return ["model.safetensors"]
+
+
+def _check_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

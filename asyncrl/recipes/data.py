@@ -22,36 +22,86 @@ from typing import Any
 from asyncrl.errors import DataError
 from asyncrl.rollout.types import Row, validate_row
 
-__all__ = ["RowLedger", "load_rows"]
+__all__ = ["RowLedger", "check_prompt_lengths", "load_rows"]
 
 
 def load_rows(dataset: Path | Sequence[dict[str, Any]]) -> list[Row]:
-    """Validate every row up front; a bad file or row is a DataError naming it."""
+    """Validate every row up front; a bad file or row is a DataError naming it (for a file:
+    the path and line number)."""
     if isinstance(dataset, Path | str):
         path = Path(dataset)
-        if not path.is_file():
-            raise DataError(f"dataset {path} does not exist")
-        raw = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"dataset {path} line {n} is not JSON ({exc.msg}); "
-                    "expected JSONL, one object per line"
-                ) from None
+        rows = [_row_from_line(path, n, line, i) for i, (n, line) in enumerate(_lines(path))]
     else:
-        raw = list(dataset)
-    if not raw:
-        raise DataError("dataset is empty")
-    rows = [validate_row(r, i) for i, r in enumerate(raw)]
-    ids = [r.row_id for r in rows]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise DataError(f"dataset row id {dup!r} appears more than once")
+        rows = [validate_row(r, i) for i, r in enumerate(dataset)]
+    if not rows:
+        where = f" {dataset}" if isinstance(dataset, Path | str) else ""
+        raise DataError(f"dataset{where} is empty: expected at least one row")
+    first: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        if row.row_id in first:
+            raise DataError(
+                f"dataset row id {row.row_id!r} appears more than once (rows {first[row.row_id]} "
+                f"and {i})"
+            )
+        first[row.row_id] = i
     return rows
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of a UTF-8 JSONL file."""
+    if not path.exists():
+        raise DataError(f"dataset {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"dataset {path} is not a file (expected a JSONL file)")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"dataset {path} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        hint = " (it looks gzip-compressed: decompress it)" if data[:2] == b"\x1f\x8b" else ""
+        raise DataError(
+            f"dataset {path} is not UTF-8 text (byte {exc.start}){hint}; expected JSONL, "
+            "one JSON object per line"
+        ) from None
+    if text.lstrip().startswith("["):
+        raise DataError(
+            f"dataset {path} holds a JSON array; expected JSONL, one JSON object per line"
+        )
+    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _row_from_line(path: Path, n: int, line: str, index: int) -> Row:
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"dataset {path} line {n} is not JSON ({exc.msg}); "
+            "expected JSONL, one object per line"
+        ) from None
+    try:
+        return validate_row(raw, index)
+    except DataError as exc:
+        raise DataError(f"dataset {path} line {n}: {exc}") from None
+
+
+def check_prompt_lengths(
+    rows: Sequence[Row], renderer: Any, *, max_context_len: int, max_tokens: int
+) -> None:
+    """Raise PromptTooLongError naming the first row whose rendered prompt leaves fewer than
+    ``max_tokens`` tokens of ``max_context_len`` (before any sampling, not mid-run)."""
+    from asyncrl.rollout.sampler import PromptTooLongError
+
+    budget = max_context_len - max_tokens
+    for i, row in enumerate(rows):
+        n = len(renderer.build_generation_prompt(row.messages()))
+        if n > budget:
+            raise PromptTooLongError(
+                f"dataset row {i} (id={row.row_id!r}): prompt of {n} tokens does not fit: "
+                f"max_context_len {max_context_len} - max_tokens {max_tokens} leaves "
+                f"{max(budget, 0)}"
+            )
 
 
 RowKey = tuple[int, int]  # (epoch, row index)

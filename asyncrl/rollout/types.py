@@ -61,6 +61,12 @@ def validate_row(raw: Any, index: int) -> Row:
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if "id" in raw:
         where = f"dataset row {index} (id={raw['id']!r})"
+        row_id = raw["id"]
+        if isinstance(row_id, bool) or not isinstance(row_id, str | int) or row_id == "":
+            raise DataError(
+                f"{where}: 'id' must be a non-empty string or an integer, "
+                f"got {type(row_id).__name__}"
+            )
     if "prompt" not in raw:
         raise DataError(f"{where}: missing required field 'prompt'")
     prompt = raw["prompt"]

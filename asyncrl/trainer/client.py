@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncrl.errors import ClosedResourceError, ConfigError, DataError
 from asyncrl.logging import get_logger
+from asyncrl.models import check_model_dir
 from asyncrl.trainer import state as train_state
 from asyncrl.trainer.futures import TrainFuture
 from asyncrl.trainer.types import AdamParams, Datum
@@ -115,17 +116,6 @@ def _resolve_dtype(dtype: str | Any) -> Any:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     return getattr(torch, dtype)
-
-
-def check_model_dir(model_dir: Path) -> None:
-    """Raise ConfigError naming what is missing from an HF model directory."""
-    if not model_dir.is_dir():
-        raise ConfigError(f"model directory {model_dir} does not exist")
-    missing = [f for f in ("config.json",) if not (model_dir / f).exists()]
-    if not any(model_dir.glob("*.safetensors")):
-        missing.append("model.safetensors")
-    if missing:
-        raise ConfigError(f"model directory {model_dir} is missing {', '.join(missing)}")
 
 
 def batch_logprobs(model: Any, datums: Sequence[Datum], pad_id: int) -> list[torch.Tensor]:
@@ -255,8 +245,12 @@ class TrainingClient:
         check_model_dir(path)
         torch_dtype = _resolve_dtype(dtype)
         torch.manual_seed(seed)
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (ValueError, KeyError, OSError) as exc:
+            raise ConfigError(f"model directory {path}: config.json is not usable: {exc}") from exc
+        # safetensors only: pickled *.bin weights would run arbitrary code when loaded
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
         model.eval()  # no dropout: training is deterministic; gradients still flow
         pad = config.pad_token_id if config.pad_token_id is not None else 0
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else Path("checkpoints")
