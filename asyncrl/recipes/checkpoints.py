@@ -9,6 +9,9 @@ Layout under ``log_path``:
 Invariants:
 - ``dataloader.json`` is rewritten atomically and only AFTER the checkpoint it describes is
   complete, so a resume never points at a half-written state.
+- A save that fails (e.g. the disk is full) raises ``CheckpointError`` naming the path and
+  the OS reason, and removes what it had written (the DCP state, the base snapshot, the temp
+  file): nothing it leaves is listed, resumed from or promoted.
 - Resume picks the newest resumable checkpoint that has both a complete DCP state and a
   dataloader entry.
 - Kinds follow the seeds' table: DCP = resumable, not promotable; base = promotable;
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,21 +73,32 @@ def read_dataloader(log_path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read {path}: {train_state.describe_os_error(exc)}"
+        ) from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     return data
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``path`` via a fresh temp file in its directory (never a pre-existing file or
+    link), fsync, rename; on failure the temp file is removed and ``path`` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class TrainingCheckpoints:
@@ -107,18 +122,25 @@ class TrainingCheckpoints:
         if not (resumable or promotable):
             raise CheckpointError("a checkpoint must be resumable, promotable or both")
         entry: dict[str, Any] = {"step": step, "created_at": time.time(), **data_consumed}
-        if resumable:
-            entry["state_path"] = str(await self.client.save_state(name))
-        if promotable:
-            base = self.client.sampler_root / f"{name}-base"
-            if not base.exists():
-                await self.client.save_weights_for_sampler_ext(f"{name}-base", "base")
-            entry["sampler_path"] = str(base)
-        entry.update(resumable=resumable, promotable=promotable)
-        data = read_dataloader(self.log_path)
-        data[name] = entry
-        self.log_path.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(_dataloader_path(self.log_path), data)
+        written: list[Path] = []  # removed again if the checkpoint cannot be completed
+        try:
+            if resumable:
+                entry["state_path"] = str(await self.client.save_state(name))
+                written.append(Path(entry["state_path"]))
+            if promotable:
+                base = self.client.sampler_root / f"{name}-base"
+                if not base.exists():
+                    await self.client.save_weights_for_sampler_ext(f"{name}-base", "base")
+                    written.append(base)
+                entry["sampler_path"] = str(base)
+            entry.update(resumable=resumable, promotable=promotable)
+            self._record(name, entry)
+        except BaseException:
+            for path in written:
+                shutil.rmtree(path, ignore_errors=True)
+            if written:
+                log.warning("checkpoint_rolled_back", name=name, removed=[str(p) for p in written])
+            raise
         log.info(
             "checkpoint_saved",
             name=name,
@@ -127,6 +149,18 @@ class TrainingCheckpoints:
             promotable=promotable,
             data_consumed=entry.get("data_consumed"),
         )
+
+    def _record(self, name: str, entry: dict[str, Any]) -> None:
+        path = _dataloader_path(self.log_path)
+        data = read_dataloader(self.log_path)
+        data[name] = entry
+        try:
+            _write_json_atomic(path, data)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot record checkpoint {name!r} in {path}: "
+                f"{train_state.describe_os_error(exc)}; the checkpoint was not saved"
+            ) from exc
 
     def find_resumable(self) -> ResumeInfo | None:
         """Newest checkpoint with a complete DCP state and a dataloader entry."""
@@ -237,14 +271,20 @@ def promote_checkpoint(
     if target.exists() and not replace:
         raise CheckpointError(f"{target} already exists; choose another output_model_id")
     tmp = target.with_name(f".tmp-{output_model_id}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    (tmp / "asyncrl_promoted.json").write_text(
-        json.dumps({"source": str(source), **asdict(chosen[0])}, indent=1)
-    )
-    if target.exists():
-        shutil.rmtree(target)
-        log.info("promoted_model_replaced", model_dir=str(target))
-    tmp.rename(target)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        (tmp / "asyncrl_promoted.json").write_text(
+            json.dumps({"source": str(source), **asdict(chosen[0])}, indent=1)
+        )
+        if target.exists():
+            shutil.rmtree(target)
+            log.info("promoted_model_replaced", model_dir=str(target))
+        tmp.rename(target)
+    except (OSError, shutil.Error) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"cannot promote {source} to {target}: {train_state.describe_os_error(exc)}"
+        ) from exc
     log.info("checkpoint_promoted", source=str(source), model_dir=str(target))
     return target

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from asyncrl.errors import ClosedResourceError, ConfigError, DataError
+from asyncrl.errors import (
+    CheckpointError,
+    ClosedResourceError,
+    ConfigError,
+    DataError,
+    SnapshotError,
+)
 from asyncrl.logging import get_logger
 from asyncrl.models import check_model_dir
 from asyncrl.trainer import state as train_state
@@ -481,20 +487,22 @@ class TrainingClient:
         else:
             tensors = serving_state_dict(self._holder.model, _resolve_dtype(self.sampler_dtype))
         t1 = time.perf_counter()
-        if kind == "base":
-            extras = {f: self.model_dir / f for f in support_files(self.model_dir)}
-            _, host = snapshot.write_base(self.sampler_root, name, tensors, extra_files=extras)
-            previous = None
-        else:
+        if kind == "delta":
             previous = previous or self._last_identity
             if previous is None or previous not in self._host_snapshots:
                 raise DeltaChainError(
                     f"cannot save delta {name!r}: no base snapshot {previous or ''} in this "
                     "client's chain; save a base first"
                 )
-            _, host = snapshot.write_delta(
-                self.sampler_root, name, tensors, self._host_snapshots[previous]
-            )
+        else:
+            previous = None
+        try:
+            host = self._write_snapshot(name, kind, tensors, previous)
+        except OSError as exc:  # snapshot.py removed its temp dir: nothing looks valid
+            raise SnapshotError(
+                f"cannot write sampler snapshot {self.sampler_root / name}: "
+                f"{train_state.describe_os_error(exc)}; nothing was saved"
+            ) from exc
         t2 = time.perf_counter()
         self._remember(host, keep=previous)
         path = self.sampler_root / name
@@ -510,6 +518,19 @@ class TrainingClient:
         return SaveSamplerResult(
             path, name, host.identity, kind, previous, nbytes, t1 - t0, t2 - t1
         )
+
+    def _write_snapshot(
+        self, name: str, kind: str, tensors: dict[str, torch.Tensor], previous: str | None
+    ) -> Any:
+        from asyncrl.sync import snapshot
+
+        if kind == "base":
+            extras = {f: self.model_dir / f for f in support_files(self.model_dir)}
+            return snapshot.write_base(self.sampler_root, name, tensors, extra_files=extras)[1]
+        assert previous is not None
+        return snapshot.write_delta(
+            self.sampler_root, name, tensors, self._host_snapshots[previous]
+        )[1]
 
     def _remember(self, host: Any, keep: str | None) -> None:
         """Keep the new snapshot's host bytes, the one it was based on, and the most recent
@@ -527,20 +548,27 @@ class TrainingClient:
     def _export_hf(self, out: Path, dtype: str) -> Path:
         import shutil
 
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         torch_dtype = _resolve_dtype(dtype)
         tensors = serving_state_dict(self._holder.model, torch_dtype)
         tmp = out.with_name(f".tmp-{out.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in support_files(self.model_dir):
-            shutil.copy2(self.model_dir / name, tmp / name)
-        _set_config_dtype(tmp / "config.json", dtype)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name in support_files(self.model_dir):
+                shutil.copy2(self.model_dir / name, tmp / name)
+            _set_config_dtype(tmp / "config.json", dtype)
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except (OSError, SafetensorError) as exc:  # safetensors reports "I/O error: ..."
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"cannot export the model to {out}: {train_state.describe_os_error(exc)}"
+            ) from exc
         return out
 
     # ------------------------------------------------------------------------------ closing

@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -41,6 +42,41 @@ class StateInfo:
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
+
+
+def find_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, one in its cause / context chain, or one behind a
+    per-rank failure of torch DCP's ``CheckpointException`` (which hides the OS reason)."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        todo += [err.__cause__, err.__context__]
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return None
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """``"No space left on device (ENOSPC)"``: the OS reason behind ``exc``, for messages."""
+    err = find_os_error(exc)
+    if err is None:
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0] if first else ''}"
+    code = errno.errorcode.get(err.errno, "") if err.errno else ""
+    text = err.strerror or str(err) or type(err).__name__
+    return f"{text} ({code})" if code else text
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or torch DCP's CheckpointException (a BaseException) wrapping a failure."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "CheckpointException"
 
 
 def check_name(name: str) -> str:
@@ -96,7 +132,12 @@ def save_dcp_state(
     final = states_root / name
     if final.exists():
         raise CheckpointError(f"train state {final} already exists; pick a new name")
-    states_root.mkdir(parents=True, exist_ok=True)
+    try:
+        states_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot create the train-state directory {states_root}: {describe_os_error(exc)}"
+        ) from exc
     tmp = states_root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     try:
         with warnings.catch_warnings():
@@ -113,8 +154,12 @@ def save_dcp_state(
         }
         _write_synced(tmp / SIDECAR, json.dumps(meta, indent=2))
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(exc):
+            raise CheckpointError(
+                f"cannot write train state {final}: {describe_os_error(exc)}; nothing was saved"
+            ) from exc
         raise
     return final
 
