@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "RolloutError": "asyncrl.errors",
     "ClosedResourceError": "asyncrl.errors",
     "CircuitOpenError": "asyncrl.errors",
+    "MetricsWriteError": "asyncrl.errors",
 }
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "HotloadError",
     "IdentityMismatchError",
     "LossConfig",
+    "MetricsWriteError",
     "ModelInput",
     "OptimStepResult",
     "ReferenceClient",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:
         DeploymentError,
         HotloadError,
         IdentityMismatchError,
+        MetricsWriteError,
         RolloutError,
         SamplingError,
         SnapshotError,

@@ -17,6 +17,7 @@ inherits the builtin a caller would naturally catch, so ``except ValueError`` ke
     ├── SamplingError(RuntimeError)        sampling request failed (wraps httpx errors)
     │   └── CircuitOpenError               every deployment's breaker is open
     ├── RolloutError(RuntimeError)         reward / rollout coroutine failed
+    ├── MetricsWriteError(OSError)         appending to metrics.jsonl failed (path, reason)
     └── ClosedResourceError(RuntimeError)  a client / deployment used after aclose()
 """
 
@@ -77,6 +78,10 @@ class CircuitOpenError(SamplingError):
 
 class RolloutError(AsyncRLError, RuntimeError):
     """A user reward or rollout coroutine failed."""
+
+
+class MetricsWriteError(AsyncRLError, OSError):
+    """Appending a row to ``metrics.jsonl`` failed (names the path and the OS reason)."""
 
 
 class ClosedResourceError(AsyncRLError, RuntimeError):

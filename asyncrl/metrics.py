@@ -23,17 +23,13 @@ from typing import Any
 
 import aiofiles
 
-from asyncrl.errors import AsyncRLError, ConfigError
+from asyncrl.errors import ConfigError, MetricsWriteError
 from asyncrl.logging import get_logger
 from asyncrl.trainer.state import describe_os_error
 
 __all__ = ["MetricsWriteError", "MetricsWriter", "read_metrics"]
 
 log = get_logger("asyncrl.metrics")
-
-
-class MetricsWriteError(AsyncRLError, OSError):
-    """Appending a row to ``metrics.jsonl`` failed (names the path and the OS reason)."""
 
 
 def _clean(value: Any) -> Any:

@@ -38,7 +38,7 @@ from asyncrl.config import RLConfig
 from asyncrl.errors import RolloutError, SamplingError
 from asyncrl.logging import get_logger
 from asyncrl.recipes.checkpoints import TrainingCheckpoints, promote_checkpoint
-from asyncrl.recipes.data import RowKey, RowLedger, load_rows
+from asyncrl.recipes.data import RowKey, RowLedger, check_prompt_lengths, load_rows
 from asyncrl.recipes.gate import AdmissionGate
 from asyncrl.rollout.rewards import (
     DropGroup,
@@ -596,17 +596,22 @@ async def run(
 
     rows = load_rows(cfg.dataset)
     eval_rows = load_rows(cfg.eval_rows) if cfg.eval_rows else []
-    cfg.log_path.mkdir(parents=True, exist_ok=True)
     tokenizer = await anyio.to_thread.run_sync(AutoTokenizer.from_pretrained, cfg.base_model)
     renderer = renderer_for(tokenizer)
-    side = await _open_trainer(cfg)
-    metrics_writer = MetricsWriter(cfg.log_path, sinks=cfg.metrics_sinks)
+    # a prompt that cannot fit is an error naming its row now, not a failure mid-run
+    check_prompt_lengths(
+        rows + eval_rows, renderer, max_context_len=cfg.max_context_len, max_tokens=cfg.max_tokens
+    )
+    metrics_writer = MetricsWriter(cfg.log_path, sinks=cfg.metrics_sinks)  # checks log_path
     try:
-        summary = await _run_with_deployment(
-            cfg, side, rows, eval_rows, renderer, metrics_writer, on_step
-        )
+        side = await _open_trainer(cfg)
+        try:
+            summary = await _run_with_deployment(
+                cfg, side, rows, eval_rows, renderer, metrics_writer, on_step
+            )
+        finally:
+            await side.client.aclose()
     finally:
-        await side.client.aclose()
         metrics_writer.close()
     if cfg.output_model_id and summary.final_checkpoint:
         summary.promoted_model = promote_checkpoint(

@@ -1051,8 +1051,9 @@ class DeploymentManager:
 
 
 def _check_dirs(config: DeploymentConfig) -> None:
-    if not Path(config.model_dir).is_dir():
-        raise ConfigError(f"model_dir {config.model_dir} is not a directory")
+    from asyncrl.models import check_model_dir
+
+    check_model_dir(config.model_dir)  # names a missing config / weights / tokenizer
     root = Path(config.snapshot_root)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"snapshot_root {root} exists and is not a directory")
