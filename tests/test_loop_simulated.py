@@ -509,7 +509,6 @@ class SyncerDyingWithTheDeployment(FakeSyncer):
     def __init__(self, deployment: CrashableDeployment) -> None:
         super().__init__(0.002)
         self.deployment = deployment
-        self.saves_queued = 0
         self.resyncs: list[str] = []
         self.previous_snapshot_identity = None
 
@@ -518,13 +517,13 @@ class SyncerDyingWithTheDeployment(FakeSyncer):
     ) -> str:
         from asyncrl.errors import DeploymentError
 
-        self.saves_queued += 1
         out = await super().save_and_hotload(name, checkpoint_type, after_submit=after_submit)
         if not self.deployment.alive:
             raise DeploymentError("hotload: connection refused")
         return out
 
     async def resync(self, name: str) -> str:
+        self.names.append(name)  # a base of the newest snapshot
         self.resyncs.append(name)
         return name
 

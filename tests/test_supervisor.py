@@ -63,6 +63,7 @@ class FakeSyncer:
         self, name: str, checkpoint_type: str | None = None, *, after_submit=None
     ) -> str:
         if self.fail_before_save and not self.deployment.alive:
+            await anyio.sleep(0.05)  # e.g. a status read timing out
             raise DeploymentError("status read failed: connection refused")
         self.saves_queued += 1
         if after_submit is not None:
@@ -75,6 +76,7 @@ class FakeSyncer:
         return name
 
     async def resync(self, name: str) -> str:
+        self.saves_queued += 1  # as the real one: a resync saves a base too
         self.resyncs.append(name)
         self.served.append(f"base-of:{self.newest}")
         return name
@@ -163,6 +165,7 @@ async def test_sync_that_died_after_its_save_is_served_by_the_recovery_base(
     sup.deployment.alive = False
     submitted: list[int] = []
     name = await sup.save_and_hotload("step-3", after_submit=lambda: submitted.append(1))
+    syncer.saves_queued -= len(syncer.resyncs)
     # saved once (the trainer may already run the next step: never saved again), then the
     # recovery's base of that very snapshot is what the deployment serves
     assert syncer.saves_queued == 1 and submitted == [1]
@@ -177,9 +180,37 @@ async def test_sync_that_died_before_its_save_is_retried(tmp_path: Path) -> None
     sup.deployment.alive = False
     submitted: list[int] = []
     name = await sup.save_and_hotload("step-3", after_submit=lambda: submitted.append(1))
+    syncer.saves_queued -= len(syncer.resyncs)
     assert name == "step-3"
     assert syncer.saves_queued == 1 and submitted == [1]
     assert syncer.served == ["base-of:None", "step-3"]
+
+
+@pytest.mark.anyio
+async def test_sync_failing_before_its_save_while_another_recovery_runs_still_saves(
+    tmp_path: Path,
+) -> None:
+    # regression: the recovery an actor started re-synced (a save) meanwhile; the sync took
+    # that save for its own, returned without saving or releasing the trainer -> deadlock
+    sup, _, syncer = make(tmp_path)
+    syncer.fail_before_save = True
+    sup.deployment.alive = False
+    submitted: list[int] = []
+    served: list[str] = []
+
+    async def sync() -> None:
+        served.append(
+            await sup.save_and_hotload("step-5", after_submit=lambda: submitted.append(1))
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sync)
+        await anyio.sleep(0.01)
+        tg.start_soon(sup.on_sampling_error, 0)  # an actor's failed request recovers first
+    assert syncer.resyncs == ["recovery-1"] and sup.restarts == 1
+    assert submitted == [1]
+    assert served == ["step-5"]
+    assert syncer.served == ["base-of:None", "step-5"]
 
 
 @pytest.mark.anyio

@@ -581,10 +581,10 @@ class Deployment:
         if self._closed:
             raise ClosedResourceError(f"deployment {self.base_url} was closed")
 
-    async def _stop(self) -> None:
+    async def _stop(self, *, graceful: bool = True) -> None:
         if self._process is not None and self.config is not None:
             proc, self._process = self._process, None
-            code = await _stop_process(proc, self.config.stop_grace_s)
+            code = await _stop_process(proc, self.config.stop_grace_s if graceful else 0.0)
             if self.log_path is not None:
                 self.log_path.with_suffix(PGID_SUFFIX).unlink(missing_ok=True)
             _log.info("deployment.stopped", base_url=self.base_url, pid=proc.pid, returncode=code)
@@ -715,7 +715,7 @@ class DeploymentManager:
     async def _healthy(self, deployment: Deployment, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
         try:
             response = await deployment._client.get("/health", timeout=timeout)
-        except httpx.HTTPError:
+        except (httpx.HTTPError, RuntimeError):  # RuntimeError: a restart closed this client
             return False
         return response.status_code == 200
 
@@ -769,11 +769,11 @@ class DeploymentManager:
         async with deployment._lock:
             await self._restart_locked(deployment)
 
-    async def _restart_locked(self, deployment: Deployment) -> None:
+    async def _restart_locked(self, deployment: Deployment, *, graceful: bool = True) -> None:
         if not deployment.owned:
             raise DeploymentError(f"cannot restart attached deployment {deployment.base_url}")
         _log.warning("deployment.restart", base_url=deployment.base_url, pid=deployment.pid)
-        await deployment._stop()
+        await deployment._stop(graceful=graceful)
         await deployment._client.aclose()
         deployment._client = deployment._new_client()
         self._start(deployment)
@@ -796,8 +796,8 @@ class DeploymentManager:
         self._check_open()
         deployment._check_open()
         async with deployment._lock:
-            if deployment.owned:
-                await self._restart_locked(deployment)
+            if deployment.owned:  # it stopped answering: no point in a graceful stop
+                await self._restart_locked(deployment, graceful=False)
                 return
             await deployment._client.aclose()
             deployment._client = deployment._new_client()

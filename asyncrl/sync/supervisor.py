@@ -126,19 +126,23 @@ class DeploymentSupervisor:
         after_submit: Callable[[], None] | None = None,
     ) -> str:
         """``WeightSyncer.save_and_hotload``, recovering the deployment when it dies."""
+        submitted = False
+
+        def on_submit() -> None:
+            nonlocal submitted
+            submitted = True
+            if after_submit is not None:
+                after_submit()
+
         while True:
             epoch = await self.wait_serving()
-            queued = self.syncer.saves_queued
             try:
-                return str(
-                    await self.syncer.save_and_hotload(
-                        name, checkpoint_type, after_submit=after_submit
-                    )
-                )
+                return str(await self.syncer.save_and_hotload(name, checkpoint_type,
+                                                              after_submit=on_submit))
             except DeploymentError as exc:
                 failure = f"weight sync {name} failed: {exc}"
             await self.recover(failure, epoch)
-            if self.syncer.saves_queued != queued:
+            if submitted:
                 # saved, then the hotload failed: the recovery's base holds that snapshot's
                 # weights (saving again could capture the trainer's next step)
                 return self.resynced_name or name

@@ -90,7 +90,6 @@ class WeightSyncer:
         self.syncs = 0
         self._last_saved: str | None = None
         self._newest_saved: str | None = None
-        self.saves_queued = 0  # saves handed to the trainer's worker (for DeploymentSupervisor)
         self._lock = anyio.Lock()
         self._closed = False
 
@@ -172,7 +171,6 @@ class WeightSyncer:
             previous_snapshot_identity=self.chain.previous_snapshot_identity,
             source_identity=source,
         )
-        self.saves_queued += 1
         if after_submit is not None:
             after_submit()
         saved = await future
