@@ -1,0 +1,88 @@
+"""Server processes never outlive the run that started them: the kernel kills a server whose
+parent died (even by SIGKILL, where no atexit hook runs), and a later run reaps the process
+group an earlier one recorded. Real processes (a sleeping python stands in for vLLM)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from asyncrl.sync.deployment import PGID_SUFFIX, process_group_members, reap_stale_groups
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc, prctl")
+
+SLEEPER = "import sys, time; time.sleep(120)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+def _wait_dead(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_server_is_killed_when_its_parent_is_sigkilled(tmp_path: Path) -> None:
+    parent_code = f"""
+import sys, time
+from pathlib import Path
+from asyncrl.sync.deployment import _spawn
+proc = _spawn([sys.executable, "-c", {SLEEPER!r}], dict(__import__("os").environ),
+              Path({str(tmp_path)!r}) / "vllm-1.log")
+print(proc.pid, flush=True)
+time.sleep(120)
+"""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        time.sleep(0.5)  # the launcher has set the death signal and exec'd
+        assert _alive(child)
+        assert (tmp_path / f"vllm-1{PGID_SUFFIX}").read_text().strip() == str(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert _wait_dead(child), "the server outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_a_later_run_reaps_the_group_an_earlier_one_recorded(tmp_path: Path) -> None:
+    # an orphaned "engine": its command line names vllm, its group leader is gone
+    engine = subprocess.Popen(
+        [sys.executable, "-c", SLEEPER, "vllm.v1.engine"], start_new_session=True
+    )
+    bystander = subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
+    try:
+        (tmp_path / f"vllm-1{PGID_SUFFIX}").write_text(f"{engine.pid}\n")
+        (tmp_path / f"vllm-2{PGID_SUFFIX}").write_text(f"{bystander.pid}\n")  # a recycled pid
+        (tmp_path / f"vllm-3{PGID_SUFFIX}").write_text("not a pid\n")
+        assert process_group_members(engine.pid) == [engine.pid]
+        assert reap_stale_groups(tmp_path) == [engine.pid]
+        engine.wait(timeout=10)
+        assert engine.returncode == -signal.SIGKILL
+        assert _alive(bystander.pid), "a process that is not a vLLM server was killed"
+        assert list(tmp_path.glob(f"*{PGID_SUFFIX}")) == []  # records are consumed
+    finally:
+        for proc in (engine, bystander):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
