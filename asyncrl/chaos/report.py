@@ -21,8 +21,8 @@ class ScenarioResult:
     name: str
     faults_injected: int
     faults_survived: int
-    rows_lost: int
-    rows_duplicated: int
+    rows_lost: int | None  # None: the scenario trains no dataset rows
+    rows_duplicated: int | None
     recover_s: list[float] = field(default_factory=list)
     completed: bool = False
     detail: str = ""
@@ -31,9 +31,10 @@ class ScenarioResult:
     def ok(self) -> bool:
         return (
             self.completed
+            and self.faults_injected > 0
             and self.faults_survived == self.faults_injected
-            and self.rows_lost == 0
-            and self.rows_duplicated == 0
+            and self.rows_lost in (0, None)
+            and self.rows_duplicated in (0, None)
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -51,8 +52,8 @@ def format_table(results: Sequence[ScenarioResult]) -> str:
                 r.name,
                 str(r.faults_injected),
                 str(r.faults_survived),
-                str(r.rows_lost),
-                str(r.rows_duplicated),
+                "n/a" if r.rows_lost is None else str(r.rows_lost),
+                "n/a" if r.rows_duplicated is None else str(r.rows_duplicated),
                 worst,
                 "yes" if r.ok else "NO",
             )
