@@ -18,6 +18,12 @@ from asyncrl.sync.deployment import PGID_SUFFIX, process_group_members, reap_sta
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc, prctl")
 
 SLEEPER = "import sys, time; time.sleep(120)"
+# a stand-in for vLLM: an API server whose engine is its own child process
+SERVER = (
+    "import subprocess, sys, time; "
+    f"engine = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}]); "
+    "print(engine.pid, flush=True); time.sleep(120)"
+)
 
 
 def _alive(pid: int) -> bool:
@@ -38,12 +44,14 @@ def _wait_dead(pid: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
-def test_server_is_killed_when_its_parent_is_sigkilled(tmp_path: Path) -> None:
+def _spawn_from_child(tmp_path: Path) -> tuple[subprocess.Popen[str], int, int]:
+    """A python process that starts SERVER through the manager's launcher; returns it, the
+    server's group id and its engine's pid."""
     parent_code = f"""
-import sys, time
+import os, sys, time
 from pathlib import Path
 from asyncrl.sync.deployment import _spawn
-proc = _spawn([sys.executable, "-c", {SLEEPER!r}], dict(__import__("os").environ),
+proc = _spawn([sys.executable, "-c", {SERVER!r}], dict(os.environ),
               Path({str(tmp_path)!r}) / "vllm-1.log")
 print(proc.pid, flush=True)
 time.sleep(120)
@@ -51,15 +59,37 @@ time.sleep(120)
     parent = subprocess.Popen(
         [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
     )
+    assert parent.stdout is not None
+    pgid = int(parent.stdout.readline())
+    deadline = time.monotonic() + 20
+    while len(process_group_members(pgid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # launcher, server, engine
+    members = process_group_members(pgid)
+    assert len(members) == 3, members
+    engine = max(members)  # started last
+    return parent, pgid, engine
+
+
+def test_server_and_engine_die_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
+    parent, pgid, engine = _spawn_from_child(tmp_path)
     try:
-        assert parent.stdout is not None
-        child = int(parent.stdout.readline())
-        time.sleep(0.5)  # the launcher has set the death signal and exec'd
-        assert _alive(child)
-        assert (tmp_path / f"vllm-1{PGID_SUFFIX}").read_text().strip() == str(child)
+        assert (tmp_path / f"vllm-1{PGID_SUFFIX}").read_text().strip() == str(pgid)
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        assert _wait_dead(child), "the server outlived its SIGKILLed parent"
+        assert _wait_dead(engine), "the engine outlived the SIGKILLed parent"
+        assert _wait_dead(pgid)
+        assert process_group_members(pgid) == []
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_the_group_goes_when_the_server_dies(tmp_path: Path) -> None:
+    parent, pgid, engine = _spawn_from_child(tmp_path)
+    try:
+        server = next(p for p in process_group_members(pgid) if p not in (pgid, engine))
+        os.kill(server, signal.SIGKILL)  # the API server crashes: its engine must not linger
+        assert _wait_dead(engine), "the engine outlived its server"
     finally:
         parent.kill()
         parent.wait()

@@ -31,8 +31,9 @@ Invariants:
   (``reset_running_requests``), so they recompute their KV with the new weights on resume.
 - Every process started here is in its own process group; ``delete``/``aclose`` send SIGTERM to
   the group, SIGKILL after ``stop_grace_s``, reap the leader and wait for the group to empty.
-  An ``atexit`` hook SIGKILLs groups still alive at interpreter exit (nothing covers a SIGKILL
-  of this process itself).
+  An ``atexit`` hook SIGKILLs groups still alive at interpreter exit; if this process is
+  SIGKILLed, the server's launcher (``_launcher.py``, the group leader) SIGKILLs the group, and
+  a ``<log>.pgid`` record lets the next start in the same log dir reap any leftover.
 - One pooled ``httpx.AsyncClient`` per deployment (``trust_env=False``: loopback, no proxy)
   serves the control calls; hotloads and restarts of one deployment are serialised by a lock.
 
@@ -382,26 +383,17 @@ def log_tail(path: Path | None, max_bytes: int = _LOG_TAIL_BYTES) -> str:
 _LIVE_GROUPS: set[int] = set()
 
 
-# Run as ``python -c _LAUNCHER <parent pid> <cmd...>``: on Linux, ask the kernel to SIGKILL
-# the server if the process that started it dies (even by SIGKILL, where no atexit runs),
-# then exec the server. The death signal survives exec; the parent-pid check covers a parent
-# that died before the prctl.
-_LAUNCHER = """
-import ctypes, os, signal, sys
-parent = int(sys.argv[1])
-if sys.platform.startswith("linux"):
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        sys.exit(1)
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
+# The server runs under a small launcher (its group leader) that SIGKILLs the whole group
+# when the process that started it dies, even by SIGKILL, or when the server exits: vLLM's
+# engine processes would otherwise outlive their API server. See _launcher.py.
+_LAUNCHER = Path(__file__).with_name("_launcher.py")
 PGID_SUFFIX = ".pgid"
 
 
 def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     reap_stale_groups(log_path.parent)
-    launch = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *cmd]
+    launch = [sys.executable, str(_LAUNCHER), str(os.getpid()), *cmd]
     with open(log_path, "ab") as log:
         log.write(f"\n=== asyncrl: starting {' '.join(cmd)}\n".encode())
         log.flush()
