@@ -726,3 +726,34 @@ async def test_engine_broken_by_a_hotload_is_restarted(tmp_path: Path) -> None:
         assert status.ready and status.current_snapshot_identity is None
         pid = deployment.pid
     assert deployment.closed and pid is not None and process_group_members(pid) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# reconnecting to an attached deployment (the supervisor's recovery path)
+
+
+@pytest.mark.anyio
+async def test_reconnect_and_wait_polls_an_attached_server_back_to_health() -> None:
+    fake = FakeVLLM()
+    manager, deployment = await _attached(fake)
+    async with manager:
+        fake.health = [503]
+        assert await manager.is_alive(deployment) is False
+        fake.health = [503, 503, 200]  # restarted by whoever runs it
+        old_client = deployment._client
+        await manager.reconnect_and_wait(deployment, timeout=10)
+        assert deployment._client is not old_client  # no pooled connection to the dead one
+        assert old_client.is_closed
+        assert fake.calls.count("GET /health") >= 4
+        assert fake.calls[-1] == "POST /v1/completions"  # ready means a probe completed
+        assert await manager.is_alive(deployment) is True
+
+
+@pytest.mark.anyio
+async def test_reconnect_and_wait_gives_up_after_its_timeout() -> None:
+    fake = FakeVLLM()
+    fake.health = [503]
+    manager, deployment = await _attached(fake)
+    async with manager:
+        with pytest.raises(DeploymentError, match="not ready after"):
+            await manager.reconnect_and_wait(deployment, timeout=0.6)
