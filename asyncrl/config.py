@@ -186,6 +186,12 @@ class RLConfig(StrictModel):
     group_filter: Any = None
     metrics_sinks: tuple[str, ...] = ()
 
+    @field_validator("log_path", "base_model")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # absolute: these paths reach a server process (snapshot root, model dir)
+        return value.absolute()
+
     @field_validator("metrics_sinks")
     @classmethod
     def _sinks(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -675,7 +675,10 @@ FAKE_SERVER = textwrap.dedent(
 
 
 def _fake_config(tmp_path: Path, mode: str) -> DeploymentConfig:
-    (tmp_path / "model").mkdir(exist_ok=True)
+    model = tmp_path / "model"  # the fake server never reads it; it only has to look whole
+    model.mkdir(exist_ok=True)
+    for name, text in (("config.json", "{}"), ("model.safetensors", ""), ("tokenizer.json", "{}")):
+        (model / name).write_text(text)
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
     python = tmp_path / "fake-python"  # ignores "-m vllm...", runs the fake server

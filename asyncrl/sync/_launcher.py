@@ -10,7 +10,8 @@ killing only the server's top process would leave gigabytes of orphans; this lau
   SIGKILL where no atexit hook runs (Linux ``PR_SET_PDEATHSIG``), and then SIGKILLs its group;
 - ignores a SIGTERM while the parent lives: that is a stop of the whole group, and the server
   got the same signal and shuts down gracefully;
-- when the server exits, for whatever reason, SIGKILLs whatever is left of the group.
+- when the server exits, for whatever reason, SIGKILLs whatever is left of the group and
+  exits with the server's status.
 """
 
 import ctypes
@@ -44,7 +45,25 @@ def main() -> None:
         file=sys.stderr,
         flush=True,
     )
-    os.killpg(0, signal.SIGKILL)
+    _kill_rest_of_group()
+    sys.exit(code if code >= 0 else 128 - code)  # the server's status, as a shell reports it
+
+
+def _kill_rest_of_group() -> None:
+    """SIGKILL every other process of this group (Linux /proc; elsewhere the whole group)."""
+    me, group = os.getpid(), os.getpgid(0)
+    if not os.path.isdir("/proc"):
+        os.killpg(0, signal.SIGKILL)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            if int(stat[stat.rfind(b")") + 2 :].split()[2]) == group:
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
 
 
 if __name__ == "__main__":

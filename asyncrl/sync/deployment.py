@@ -72,7 +72,7 @@ from typing import Any, Literal, NoReturn
 
 import anyio
 import httpx
-from pydantic import ConfigDict, Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from asyncrl.config import StrictModel
@@ -166,6 +166,12 @@ class DeploymentConfig(StrictModel):
     probe_prompt: str = Field("Hello", min_length=1)
     allow_remote: bool = False
     python_executable: str | None = None
+
+    @field_validator("model_dir", "snapshot_root", "log_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # the server and its workers get these; a relative snapshot path means root-relative
+        return None if value is None else value.absolute()
 
     @model_validator(mode="after")
     def _check(self) -> DeploymentConfig:

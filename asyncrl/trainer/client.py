@@ -259,7 +259,8 @@ class TrainingClient:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
         model.eval()  # no dropout: training is deterministic; gradients still flow
         pad = config.pad_token_id if config.pad_token_id is not None else 0
-        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else Path("checkpoints")
+        # absolute: snapshot paths are handed to a server whose root is this directory
+        ckpt = Path(checkpoint_dir if checkpoint_dir is not None else "checkpoints").absolute()
         log.info("trainer_loaded", model_dir=str(path), dtype=str(torch_dtype), seed=seed)
         return cls(model, model_dir=path, checkpoint_dir=ckpt, pad_id=int(pad), seed=seed)
 
