@@ -116,14 +116,14 @@ async def run_deployment_kill(
         weight_sync=WeightSyncConfig(dcp_save_interval=2),
     )
     log_dir = cfg.log_path / "deployment"
-    injected: list[tuple[int, str, list[int]]] = []
+    injected: list[tuple[float, str, list[int]]] = []
     seen_groups: set[int] = set()
 
     def on_step(metrics: Mapping[str, Any]) -> None:
         seen_groups.update(server_pgids(log_dir))
         how = kills.get(int(metrics["step"]))
         if how is not None:
-            injected.append((int(metrics["step"]), how, kill_server(log_dir, how)))
+            injected.append((time.monotonic(), how, kill_server(log_dir, how)))
             log.warning("chaos.deployment_killed", step=metrics["step"], how=how)
 
     t0 = time.perf_counter()
@@ -139,7 +139,9 @@ async def run_deployment_kill(
     leftovers = sorted(pid for g in seen_groups for pid in process_group_members(g))
     metrics = summary.metrics if summary is not None else []
     restarts = int(metrics[-1].get("deployment/restarts", 0)) if metrics else 0
-    recover = [float(m["deployment/recover_time"]) for m in metrics if m["deployment/recover_time"]]
+    # from each kill to the deployment serving the trainer's weights again
+    recovered = summary.deployment_recovered_at if summary is not None else []
+    recover = [end - kill for (kill, _, _), end in zip(injected, recovered, strict=False)]
     audit = audit_rows(cfg.log_path, n_rows) if completed else None
     if leftovers:
         detail += f" server processes left running: {leftovers}"

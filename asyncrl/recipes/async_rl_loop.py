@@ -68,6 +68,8 @@ class RunSummary:
     promoted_model: Path | None
     eval_before: float | None = None
     eval_after: float | None = None
+    # time.monotonic() at which the deployment served again after each recovery
+    deployment_recovered_at: list[float] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -701,6 +703,7 @@ async def _run_with_deployment(
                     on_step,
                     supervisor=supervisor,
                 )
+                summary.deployment_recovered_at = list(supervisor.recovered_at)
             summary.eval_after = await held_out("after")
     return summary
 

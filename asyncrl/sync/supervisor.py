@@ -86,7 +86,8 @@ class DeploymentSupervisor:
         self.on_recovered = on_recovered
         self.epoch = 0
         self.restarts = 0
-        self.recover_s: list[float] = []
+        self.recover_s: list[float] = []  # seconds each recovery took (detection excluded)
+        self.recovered_at: list[float] = []  # time.monotonic() when each one served again
         self._serving = anyio.Event()
         self._serving.set()
         self._lock = anyio.Lock()
@@ -193,6 +194,7 @@ class DeploymentSupervisor:
             await self._recover_with_retries(reason)
             self.restarts += 1
             self.recover_s.append(time.perf_counter() - t0)
+            self.recovered_at.append(time.monotonic())
             if self.on_recovered is not None:
                 self.on_recovered()
             log.warning(
