@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from asyncrl.chaos.runs import small_run_config
 from asyncrl.config import RLConfig, WeightSyncConfig
 from asyncrl.metrics import read_metrics
 from asyncrl.recipes.async_rl_loop import run
@@ -17,30 +18,16 @@ from asyncrl.trainer.state import read_state_info
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def letter_fraction(completion: object, row: object) -> float:
-    """A dense reward even a random policy gets variance on: share of lowercase letters."""
-    text = getattr(completion, "text", "")
-    return sum(c.islower() for c in text) / max(len(text), 1)
-
-
 def _config(tmp: Path, model_dir: Path, max_steps: int) -> RLConfig:
-    train = [{"id": f"r{i}", "prompt": f"write {i} letters"} for i in range(40)]
-    return RLConfig(
-        log_path=tmp / "run",
-        base_model=model_dir,
-        dataset=train,
-        reward_fn=letter_fraction,
-        completions_per_prompt=4,
-        prompt_groups_per_step=3,
-        max_head_offpolicy_versions=1,
-        learning_rate=5e-3,
+    config: RLConfig = small_run_config(
+        tmp,
+        model_dir,
+        n_rows=40,
         max_steps=max_steps,
-        max_tokens=6,
-        max_context_len=128,
-        rollout_workers=4,
         weight_sync=WeightSyncConfig(dcp_save_interval=1),
         output_model_id="it-policy",
     )
+    return config
 
 
 @pytest.mark.anyio

@@ -26,20 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from asyncrl.chaos.report import ScenarioResult, audit_rows
+from asyncrl.chaos.runs import small_run_config
 from asyncrl.logging import get_logger
 
-__all__ = ["letter_share_reward", "run_deployment_kill", "server_pgids"]
+__all__ = ["kill_server", "run_deployment_kill", "server_pgids"]
 
 log = get_logger("asyncrl.chaos")
 
 DEFAULT_KILLS: Mapping[int, str] = {2: "group", 4: "engine"}
-
-
-def letter_share_reward(completion: Any, row: Any) -> float:
-    """A dense reward a random policy already has variance on: the share of lowercase
-    letters in the completion."""
-    text = str(getattr(completion, "text", completion))
-    return sum(c.islower() for c in text) / max(len(text), 1)
 
 
 def server_pgids(deployment_log_dir: Path) -> list[int]:
@@ -94,27 +88,12 @@ async def run_deployment_kill(
     n_rows: int = 24,
 ) -> ScenarioResult:
     """Run the scenario in ``workdir`` (a fresh directory); see the module docstring."""
-    from asyncrl.config import RLConfig, WeightSyncConfig
     from asyncrl.recipes.async_rl_loop import run
     from asyncrl.sync.deployment import process_group_members
 
     if max(kills, default=0) >= max_steps:
         raise ValueError(f"kills {dict(kills)} must happen before the last step {max_steps}")
-    cfg = RLConfig(
-        log_path=Path(workdir) / "run",
-        base_model=model_dir,
-        dataset=[{"id": f"r{i}", "prompt": f"write {i} letters"} for i in range(n_rows)],
-        reward_fn=letter_share_reward,
-        completions_per_prompt=4,
-        prompt_groups_per_step=3,
-        max_head_offpolicy_versions=1,
-        learning_rate=5e-3,
-        max_steps=max_steps,
-        max_tokens=6,
-        max_context_len=128,
-        rollout_workers=4,
-        weight_sync=WeightSyncConfig(dcp_save_interval=2),
-    )
+    cfg = small_run_config(workdir, model_dir, n_rows=n_rows, max_steps=max_steps)
     log_dir = cfg.log_path / "deployment"
     injected: list[tuple[float, str, list[int]]] = []
     seen_groups: set[int] = set()

@@ -20,8 +20,8 @@ from typing import Any
 
 import anyio
 
-from asyncrl.chaos.deployment_kill import letter_share_reward
 from asyncrl.chaos.report import ScenarioResult, audit_rows
+from asyncrl.chaos.runs import letter_share_reward, small_run_config
 
 __all__ = ["HANG_ASYNC", "HANG_SYNC", "run_hung_reward"]
 
@@ -53,26 +53,17 @@ async def reward(completion: Any, row: Any) -> float:
 
 async def run_hung_reward(workdir: Path, model_dir: Path, *, max_steps: int = 8) -> ScenarioResult:
     """Run the scenario in ``workdir`` (a fresh directory); see the module docstring."""
-    from asyncrl.config import RLConfig, WeightSyncConfig
     from asyncrl.recipes.async_rl_loop import run
 
     n_rows = 24
-    cfg = RLConfig(
-        log_path=Path(workdir) / "run",
-        base_model=model_dir,
-        dataset=[{"id": f"r{i}", "prompt": f"write {i} letters"} for i in range(n_rows)],
+    cfg = small_run_config(
+        workdir,
+        model_dir,
+        n_rows=n_rows,
         reward_fn=reward,
-        completions_per_prompt=4,
-        prompt_groups_per_step=3,
-        max_head_offpolicy_versions=1,
-        learning_rate=5e-3,
         max_steps=max_steps,
-        max_tokens=6,
-        max_context_len=128,
-        rollout_workers=4,
         reward_timeout_s=TIMEOUT_S,
         failure_policy="drop_group",
-        weight_sync=WeightSyncConfig(dcp_save_interval=0),
     )
     t0 = time.perf_counter()
     try:
