@@ -313,6 +313,7 @@ class AsyncRLWorkerExtension:
         verified = time.perf_counter()
         try:
             self.reload_weights(weights_iterator=plan.weights())  # type: ignore[attr-defined]
+            _refresh_tied_lm_head(self, plan.reload_names)
         except Exception as exc:
             state.invalidate()
             _log.error("hotload.reload_failed", identity=plan.identity, error=repr(exc))
@@ -334,6 +335,33 @@ class AsyncRLWorkerExtension:
 
     def asyncrl_status(self) -> dict[str, Any]:
         return {**_state_of(self).status(), "rank": getattr(self, "rank", 0)}
+
+
+def _refresh_tied_lm_head(worker: Any, reloaded: Any) -> None:
+    """Re-process an lm_head tied to reloaded input embeddings.
+
+    A tied lm_head has no tensor of its own in the checkpoint, so vLLM's layerwise reload loads
+    nothing into it and puts back its previous kernel state. On CPUs where vLLM packs GEMM
+    weights for oneDNN (e.g. AVX512-BF16), that state is a packed copy of the OLD embedding:
+    the model then embeds with the new weights and computes logits with the old ones (served
+    logprobs off by ~0.5 nats, found by the served-vs-trainer tests). The shared tensor itself
+    was updated in place; re-running the layer's post-load processing re-packs it."""
+    if EMBED_TOKENS not in set(reloaded):
+        return
+    model = worker.model_runner.get_model()
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None or lm_head is embed:
+        return
+    weight, shared = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
+    if weight is None or shared is None or weight.data_ptr() != shared.data_ptr():
+        return  # untied: the checkpoint's lm_head.weight was reloaded like any tensor
+    quant_method = getattr(lm_head, "quant_method", None)
+    if quant_method is not None:
+        quant_method.process_weights_after_loading(lm_head)
+
+
+EMBED_TOKENS = "model.embed_tokens.weight"
 
 
 def _state_of(worker: Any) -> WorkerHotloadState:
