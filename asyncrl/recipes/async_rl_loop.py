@@ -34,6 +34,7 @@ import aiofiles
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from asyncrl.chaos.faults import failpoint
 from asyncrl.config import RLConfig
 from asyncrl.errors import RolloutError, SamplingError
 from asyncrl.logging import get_logger
@@ -457,6 +458,7 @@ async def _save_checkpoint(
     await ckpt.save(
         name, resumable=True, promotable=final, data_consumed=shared.ledger.state(), step=step
     )
+    failpoint("loop.after_checkpoint")  # step recorded; not yet synced or logged
     if final:
         summary.final_checkpoint = name
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from asyncrl.chaos.faults import failpoint
 from asyncrl.config import validate_output_model_id
 from asyncrl.errors import CheckpointError
 from asyncrl.logging import get_logger
@@ -134,6 +135,7 @@ class TrainingCheckpoints:
                     written.append(base)
                 entry["sampler_path"] = str(base)
             entry.update(resumable=resumable, promotable=promotable)
+            failpoint("checkpoint.before_record")  # complete on disk, not yet recorded
             self._record(name, entry)
         except BaseException:
             for path in written:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asyncrl.chaos.faults import failpoint
 from asyncrl.errors import CheckpointError, WrongCheckpointKindError
 
 SIDECAR = "asyncrl_state.json"
@@ -144,6 +145,7 @@ def save_dcp_state(
             # single-process DCP is intended here; torch warns that no process group exists
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(state, checkpoint_id=str(tmp))
+        failpoint("state.before_rename")  # payload in .tmp-*, no sidecar yet
         now = time.time()
         meta = {
             "kind": STATE_KIND,
