@@ -55,7 +55,7 @@ class FakeRollouts:
         self.active = self.max_active = self.started = self.cancelled = 0
         self.started_at: Counter[int] = Counter()  # groups started per published version
 
-    async def group(self, row: Row) -> TrajectoryGroup | SampleFailure:
+    async def group(self, row: Row, key: object = None) -> TrajectoryGroup | SampleFailure:
         index = int(row.row_id)
         attempt = self.attempts[index]
         self.attempts[index] += 1
@@ -475,7 +475,7 @@ class CrashingRollouts(FakeRollouts):
         self.deployment = deployment
         self.straddled_returned = 0
 
-    async def group(self, row: Row) -> TrajectoryGroup | SampleFailure:
+    async def group(self, row: Row, key: object = None) -> TrajectoryGroup | SampleFailure:
         from asyncrl.errors import SamplingError
 
         if not self.deployment.alive:

@@ -21,6 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -166,12 +168,16 @@ class Rollouts:
             temperature=cfg.temperature,
         )
 
-    async def group(self, row: Row) -> TrajectoryGroup | SampleFailure:
+    async def group(self, row: Row, key: RowKey | None = None) -> TrajectoryGroup | SampleFailure:
+        """The group of ``row``; with its ledger ``key`` the sampling is seeded from
+        (cfg.seed, epoch, index), so the same row on the same weights samples the same tokens
+        (after a resume, a deployment restart, or in another arrival order)."""
+        seed = None if key is None else sampling_seed(self.cfg.seed, key)
         if self.cfg.rollout_fn is not None:
-            return await self._custom_group(row)
-        return await self._reward_group(row)
+            return await self._custom_group(row, seed)
+        return await self._reward_group(row, seed)
 
-    async def _reward_group(self, row: Row) -> TrajectoryGroup | SampleFailure:
+    async def _reward_group(self, row: Row, seed: int | None) -> TrajectoryGroup | SampleFailure:
         cfg = self.cfg
         prompt = self.renderer.build_generation_prompt(row.messages())
         completions = await self.sampler.sample_with_prompt_tokens(
@@ -180,6 +186,8 @@ class Rollouts:
             cfg.max_tokens,
             cfg.temperature,
             stop_token_ids=self.renderer.stop_token_ids,
+            # vLLM seeds the n completions seed, seed + 1, ...; no key: the server's RNG
+            **({} if seed is None else {"seed": seed}),
         )
         rewards = await self._score(completions, row)
         if isinstance(rewards, SampleFailure):
@@ -226,13 +234,17 @@ class Rollouts:
             rewards.append(reward)
         return rewards
 
-    async def _custom_group(self, row: Row) -> TrajectoryGroup | SampleFailure:
+    async def _custom_group(self, row: Row, seed: int | None) -> TrajectoryGroup | SampleFailure:
         results: list[Any] = [None] * self.cfg.completions_per_prompt
 
         async def one(i: int) -> None:
+            ctx = self.ctx
+            if seed is not None:  # trajectory i's k-th request: seed + i * 2**16 + k
+                sampler = _SeededSampler(self.sampler, seed + (i << 16))
+                ctx = dataclasses.replace(ctx, sampler=sampler)
             results[i] = await call_with_policy(
                 self.cfg.rollout_fn,
-                (self.ctx, row),
+                (ctx, row),
                 policy=self.policy,
                 row_id=row.row_id,
                 stage="rollout_fn",
@@ -246,6 +258,41 @@ class Rollouts:
         if failures:
             return failures[0]
         return TrajectoryGroup(row.row_id, tuple(results))
+
+
+def sampling_seed(seed: int, key: RowKey) -> int:
+    """The vLLM sampling seed of row ``key`` = (epoch, index) in a run seeded ``seed``: stable
+    across processes (not Python's salted ``hash``), < 2**62 so ``seed + i`` stays an int64."""
+    digest = hashlib.blake2b(f"{seed}:{key[0]}:{key[1]}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 2
+
+
+class _SeededSampler:
+    """A sampler handed to one ``rollout_fn`` trajectory: its k-th request without a ``seed``
+    gets ``seed + k`` (deterministic when the trajectory's requests are made in order)."""
+
+    def __init__(self, sampler: Any, seed: int) -> None:
+        self._sampler = sampler
+        self._seed = seed
+        self._calls = 0
+
+    def _next_seed(self, seed: int | None) -> int:
+        if seed is None:
+            seed, self._calls = self._seed + self._calls, self._calls + 1
+        return seed
+
+    async def sample_with_prompt_tokens(
+        self, *args: Any, seed: int | None = None, **kwargs: Any
+    ) -> Any:
+        return await self._sampler.sample_with_prompt_tokens(
+            *args, seed=self._next_seed(seed), **kwargs
+        )
+
+    async def sample_with_tokens(self, *args: Any, seed: int | None = None, **kwargs: Any) -> Any:
+        return await self._sampler.sample_with_tokens(*args, seed=self._next_seed(seed), **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sampler, name)
 
 
 def check_group_rewards(value: Any, n: int) -> list[float]:
@@ -268,6 +315,14 @@ class _Batch:
     groups: list[TrajectoryGroup] = field(default_factory=list)
     advantages: list[list[float]] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+
+    def sort(self) -> None:
+        """Order the groups by row key (epoch, index), in place."""
+        order = sorted(range(len(self.indices)), key=self.indices.__getitem__)
+        self.indices = [self.indices[i] for i in order]
+        self.groups = [self.groups[i] for i in order]
+        self.advantages = [self.advantages[i] for i in order]
+        self.offsets = [self.offsets[i] for i in order]
 
 
 class Trainer:
@@ -348,6 +403,7 @@ class Trainer:
     async def train(self, batch: _Batch) -> dict[str, float]:
         from asyncrl.trainer.types import AdamParams, Datum
 
+        batch.sort()  # the arrival order of groups must not change the float sums
         datums = [
             traj.to_datum(adv, self.cfg.max_context_len)
             for group, advs in zip(batch.groups, batch.advantages, strict=True)
@@ -409,7 +465,7 @@ async def _actor(
             key = shared.ledger.take()
             shared.gate.admit()
             row = rows[key[1]]
-            out = await _sample_group(rollouts, row, supervisor)
+            out = await _sample_group(rollouts, row, supervisor, key)
             if isinstance(out, SampleFailure):
                 await _send(results, _GroupResult(key, row, None, out))
             else:
@@ -417,18 +473,21 @@ async def _actor(
 
 
 async def _sample_group(
-    rollouts: Rollouts, row: Row, supervisor: DeploymentSupervisor | None
+    rollouts: Rollouts,
+    row: Row,
+    supervisor: DeploymentSupervisor | None,
+    key: RowKey | None = None,
 ) -> TrajectoryGroup | SampleFailure:
     """One group for ``row``. Under a supervisor, a group whose requests failed because the
     deployment died, or that was sampled across a restart, is sampled again (same row: the
     ledger and the gate never see it); a sampling failure on a healthy deployment follows the
     failure policy (fail_fast raises, otherwise the group counts as failed)."""
     if supervisor is None:
-        return await rollouts.group(row)
+        return await rollouts.group(row, key)
     while True:
         epoch = await supervisor.wait_serving()
         try:
-            out = await rollouts.group(row)
+            out = await rollouts.group(row, key)
         except SamplingError as exc:
             if await supervisor.on_sampling_error(epoch):
                 log.info("group_resampled_after_recovery", row_id=row.row_id)
