@@ -347,6 +347,48 @@ def test_worker_base_then_delta_reloads_whole_changed_layers(chain: dict[str, An
         chain["delta"].snapshot_identity, "delta", 2)
 
 
+class _RecordingQuantMethod:
+    def __init__(self) -> None:
+        self.processed: list[torch.nn.Module] = []
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.processed.append(layer)
+
+
+class _TiedModel(torch.nn.Module):
+    """vLLM's layout of a tied-embedding causal LM: lm_head shares embed_tokens' tensor."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(4, 8)
+        self.lm_head = torch.nn.Linear(8, 4, bias=False)
+        if tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head.quant_method = _RecordingQuantMethod()
+
+
+class ModelRunnerWorker(FakeWorker):
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        model = _TiedModel(tied)
+        self.model_runner = type("Runner", (), {"get_model": lambda _self: model})()
+        self.lm_head = model.lm_head
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_lm_head_is_reprocessed_when_the_embeddings_reload(
+    chain: dict[str, Any], tied: bool
+) -> None:
+    # vLLM's reload leaves a tied lm_head's packed kernel state from the OLD embeddings
+    worker = ModelRunnerWorker(tied)
+    processed = worker.lm_head.quant_method.processed
+    assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]  # reloads embeddings
+    assert processed == ([worker.lm_head] if tied else [])
+    assert worker.asyncrl_hotload(_delta_request(chain))["ok"]  # layer 1 only: not again
+    assert len(processed) == (1 if tied else 0)
+
+
 def _assert_rejected(worker: FakeWorker, request: str, error: type[Exception]) -> None:
     before = worker.asyncrl_status()
     calls = worker.calls

@@ -346,9 +346,10 @@ def _refresh_tied_lm_head(worker: Any, reloaded: Any) -> None:
     the model then embeds with the new weights and computes logits with the old ones (served
     logprobs off by ~0.5 nats, found by the served-vs-trainer tests). The shared tensor itself
     was updated in place; re-running the layer's post-load processing re-packs it."""
-    if EMBED_TOKENS not in set(reloaded):
+    runner = getattr(worker, "model_runner", None)
+    if EMBED_TOKENS not in set(reloaded) or runner is None:
         return
-    model = worker.model_runner.get_model()
+    model = runner.get_model()
     lm_head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if lm_head is None or embed is None or lm_head is embed:
