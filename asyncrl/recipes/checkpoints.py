@@ -182,6 +182,7 @@ class TrainingCheckpoints:
     async def resume(self) -> ResumeInfo | None:
         """Load the newest resumable checkpoint (weights, optimizer, step, RNG), if any."""
         info = self.find_resumable()
+        self._drop_unrecorded_states(after_step=info.step if info else 0)
         if info is None:
             return None
         await self.client.load_state_with_optimizer(info.data["state_path"])
@@ -189,6 +190,20 @@ class TrainingCheckpoints:
             "resumed", name=info.name, step=info.step, data_consumed=info.data.get("data_consumed")
         )
         return info
+
+    def _drop_unrecorded_states(self, after_step: int) -> None:
+        """Remove what a killed run left under ``checkpoints/states``: ``.tmp-*`` payloads,
+        and complete states of a step after ``after_step`` that dataloader.json does not name
+        (the resumed run redoes those steps; saving the same name again would clash)."""
+        root = self.log_path / "checkpoints" / "states"
+        entries = read_dataloader(self.log_path).values()
+        recorded = {Path(e["state_path"]).name for e in entries if "state_path" in e}
+        for child in sorted(root.iterdir()) if root.is_dir() else []:
+            if child.name.startswith(".tmp-") or (
+                child.name not in recorded and _state_step(child) > after_step
+            ):
+                shutil.rmtree(child, ignore_errors=True)
+                log.warning("checkpoint_unrecorded_removed", path=str(child))
 
     async def init_from(self, ref: str) -> str:
         """``"RUN_LOG_PATH:CHECKPOINT"``: another run's weights + optimizer; step reset to 0."""
@@ -235,6 +250,14 @@ def list_checkpoints(log_path: str | Path) -> list[CheckpointInfo]:
             )
         )
     return sorted(out, key=lambda c: (c.created_at, c.name))
+
+
+def _state_step(path: Path) -> int:
+    """The step of a complete train state; -1 for anything else."""
+    try:
+        return train_state.read_state_info(path).step
+    except CheckpointError:
+        return -1
 
 
 def _step_of(name: str) -> int | None:
