@@ -191,7 +191,7 @@ def test_manifest_records_chain_and_blobs(chain: Chain) -> None:
     blobs = [e.blob for e in delta.tensors if e.blob is not None]
     assert sum(b.length for b in blobs) == (root / "d1" / DELTA_FILE).stat().st_size
     raw = json.loads((root / "d1" / MANIFEST_FILE).read_text())
-    assert raw["format_version"] == 1 and raw["compression"]["codec"] == "zstd"
+    assert raw["format_version"] == snap.FORMAT_VERSION and raw["compression"]["codec"] == "zstd"
 
 
 def test_base_records_given_previous_identity_as_lineage(tmp_path: Path) -> None:

@@ -1,0 +1,124 @@
+"""The delta blob codec: chunked XOR, sparse-gap / byte-plane filters, zstd frames, checksums
+computed while encoding and decoding. Round trips are bit-exact; malformed blobs raise."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from asyncrl.errors import ChecksumError
+from asyncrl.sync import snapshot as snap
+
+
+def pair(n: int, itemsize: int, density: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Raw bytes of ``n`` elements and a copy with ~``density`` of the elements changed."""
+    rng = np.random.default_rng(seed)
+    prev = rng.integers(0, 256, n * itemsize, dtype=np.uint8)
+    cur = prev.copy()
+    hit = np.flatnonzero(rng.random(n) < density)
+    cur.reshape(-1, itemsize)[hit, 0] ^= rng.integers(1, 256, hit.size, dtype=np.uint8)
+    return prev, cur
+
+
+def round_trip(prev: np.ndarray, cur: np.ndarray, itemsize: int) -> bytes | None:
+    enc = snap._encode_tensor(prev, cur, itemsize, snap.DEFAULT_ZSTD_LEVEL)
+    if enc.blob is None:
+        assert np.array_equal(prev, cur)
+        return None
+    assert enc.raw is not None and np.array_equal(enc.raw, cur)
+    assert enc.raw.ctypes.data != cur.ctypes.data and not enc.raw.flags.writeable
+    assert enc.checksum == snap.checksum(cur)
+    out, digest = snap._decode_tensor(enc.blob, prev, itemsize)
+    assert np.array_equal(out, cur) and digest == enc.checksum
+    assert np.array_equal(snap.decode_tensor_delta(enc.blob, prev, itemsize), cur)
+    return enc.blob
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+@pytest.mark.parametrize("density", [0.0, 1e-3, 0.02, 0.3, 0.7, 1.0])
+def test_round_trip_across_densities_and_chunks(
+    monkeypatch: pytest.MonkeyPatch, itemsize: int, density: float
+) -> None:
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 4096)  # many chunks, a partial last one
+    prev, cur = pair(10_007, itemsize, density)
+    blob = round_trip(prev, cur, itemsize)
+    assert (blob is None) == np.array_equal(prev, cur) == (density == 0.0)
+
+
+def test_long_gaps_use_escape_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 1 << 16)
+    n = 20_000
+    prev = np.zeros(2 * n, np.uint8)
+    cur = prev.copy()
+    for position in (0, 254, 509, 510, 765 + 255 * 3, n - 1):  # gaps 254, 254, 0, 1020, ...
+        cur[2 * position] = 1
+    round_trip(prev, cur, 2)
+    positions = np.array([0, 254, 509, 510, 1530, 1786, 19_999])
+    gaps = snap._encode_gaps(positions)
+    assert np.array_equal(snap._decode_gaps(gaps, positions.size, n), positions)
+    assert gaps.tolist()[:6] == [0, 253, 254, 0, 255, 255]
+
+
+def test_sparse_positions_match_flatnonzero() -> None:
+    rng = np.random.default_rng(1)
+    for itemsize in (1, 2, 4, 8):
+        for density in (0.001, 0.01, 0.2):
+            diff = (rng.random(4096) < density).astype(snap._UINTS[itemsize]) * 3
+            mask = np.empty(diff.size, np.bool_)
+            got = snap._changed_positions(diff, int(np.count_nonzero(diff)), itemsize, mask)
+            assert np.array_equal(got, np.flatnonzero(diff))
+
+
+def test_unaligned_views_round_trip() -> None:
+    prev, cur = pair(1001, 2, 0.05)
+    buf_p, buf_c = np.zeros(prev.nbytes + 1, np.uint8), np.zeros(cur.nbytes + 1, np.uint8)
+    buf_p[1:], buf_c[1:] = prev, cur
+    round_trip(buf_p[1:], buf_c[1:], 2)
+
+
+def test_small_bf16_step_compresses_much_better_than_naive_xor() -> None:
+    g = torch.Generator().manual_seed(0)
+    master = (torch.randn(1 << 21, generator=g) * 0.02).bfloat16().float()
+    prev = master.bfloat16().view(torch.uint8).numpy()
+    step = master - 1e-6 * torch.sign(torch.randn(master.shape, generator=g))
+    cur = step.bfloat16().view(torch.uint8).numpy()
+    blob = round_trip(prev, cur, 2)
+    assert blob is not None
+    assert len(blob) < 0.7 * len(snap.encode_naive_delta(prev, cur))
+
+
+def corrupt(blob: bytes, at: int, value: bytes) -> bytes:
+    return blob[:at] + value + blob[at + len(value) :]
+
+
+def test_malformed_blobs_raise_checksum_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 4096)
+    prev, cur = pair(5000, 2, 0.05)
+    blob = snap.encode_tensor_delta(prev, cur, 2)
+    assert blob is not None
+    header = snap._BLOB_HEADER.size
+    bad = {
+        "magic": corrupt(blob, 0, b"XXXX"),
+        "elements": corrupt(blob, 4, struct.pack("<Q", 4999)),
+        "chunk count": corrupt(blob, 16, struct.pack("<I", 99)),
+        "truncated": blob[:-1],
+        "extra byte": blob + b"\0",
+        "frame length": corrupt(blob, header, struct.pack("<I", 1)),
+        "no header": blob[:5],
+    }
+    for what, data in bad.items():
+        with pytest.raises(ChecksumError):
+            snap.decode_tensor_delta(data, prev, 2)
+            pytest.fail(what)
+    with pytest.raises(ChecksumError):  # right blob, wrong tensor size
+        snap.decode_tensor_delta(blob, prev[:-2], 2)
+    # damaged frame bytes either fail to decode or decode to other bytes (other checksum)
+    damaged = corrupt(blob, len(blob) - 3, b"\xff\xff\xff")
+    try:
+        _, digest = snap._decode_tensor(damaged, prev, 2)
+    except ChecksumError:
+        return
+    assert digest != snap.checksum(cur)
