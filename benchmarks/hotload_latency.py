@@ -5,7 +5,8 @@ For each model preset (``tiny``, ``qwen2-0.5b-shape``) one run, on one server:
 1. start a vLLM server on the random-init model (a cold start, timed start-to-ready);
 2. ``WeightSyncer.save_and_hotload`` a base, then for each lr (1e-6, 1e-5) and each of
    ``--steps`` steps: one weight update, then
-   - a DELTA sync (XOR + byte-plane shuffle + zstd) against the served snapshot,
+   - a DELTA sync against the served snapshot (XOR, then per 1 MiB chunk a filter: changed
+     positions as gaps + byte-planed values below 50% changed, byte planes above; zstd),
    - a host-side decode of that delta (``apply_snapshot``) and a naive XOR+zstd encoding of
      the same changed tensors WITHOUT the shuffle (``encode_naive_delta``; bytes only),
    - a full BASE sync of the same weights (what "a base every step" costs),
@@ -26,8 +27,9 @@ Definitions:
   checksums / file write + fsync for a delta; checksums + safetensors write for a base);
   transfer: MODELED, snapshot bytes / ``--link-gbps`` (the snapshot is on a local disk here);
   pause / reload / resume: the deployment's hotload (reload = the worker rpc: read, verify,
-  decode, ``reload_weights`` of the changed layers, plus the prefix-cache reset); warmup: the
-  post-hotload probe completion.
+  decode, ``reload_weights`` of the changed layers, plus the prefix-cache reset; the worker's
+  own split, read back from ``asyncrl_status`` after the clock stopped, is printed too);
+  warmup: the post-hotload probe completion.
 - e2e ("save..served"): wall time of ``save_and_hotload`` (status read, save, encode, hotload,
   probe) PLUS the modeled transfer; other = e2e minus the phases above (mostly the status read
   the syncer does before each sync).
@@ -110,6 +112,8 @@ class Sample:
     decode_s: float | None = None  # host-side apply_snapshot of this delta
     naive_bytes: int | None = None  # zstd(XOR) without shuffle, same changed tensors
     naive_encode_s: float | None = None  # single thread
+    worker_verify_s: float | None = None  # inside reload: read + verify (+ decode) on the worker
+    worker_reload_s: float | None = None  # inside reload: reload_weights of the changed layers
 
 
 class RecordingManager:
@@ -341,7 +345,22 @@ async def sync_once(
         e2e_s=wall + transfer,
     )
     sample.other_s = sample.e2e_s - sum(getattr(sample, p) for p in PHASES if p != "other_s")
+    last = await worker_timings(syncer.deployment)  # after the clock stopped
+    sample.worker_verify_s, sample.worker_reload_s = last.get("verify_s"), last.get("reload_s")
     return sample
+
+
+async def worker_timings(deployment: Any) -> dict[str, float]:
+    """The worker extension's split of the last hotload (``asyncrl_status``)."""
+    from asyncrl.sync.worker_extension import STATUS_METHOD
+
+    body = {"method": STATUS_METHOD, "args": [], "kwargs": {}, "timeout": 30}
+    async with httpx.AsyncClient(
+        base_url=deployment.base_url, trust_env=False, timeout=60
+    ) as http:
+        response = await http.post("/collective_rpc", json=body)
+    response.raise_for_status()
+    return dict(response.json()["results"][0].get("last_hotload") or {})
 
 
 async def run_preset(preset: str, args: argparse.Namespace) -> Run:
@@ -418,7 +437,9 @@ async def hotload_steps(
 def brief(s: Sample) -> str:
     return (
         f"{s.kind} {mb(s.nbytes).strip()} e2e {s.e2e_s:.2f}s (save {s.save_s:.2f} encode "
-        f"{s.encode_s:.2f} reload {s.reload_s:.2f} other {s.other_s:.2f})"
+        f"{s.encode_s:.2f} reload {s.reload_s:.2f} [worker verify+decode "
+        f"{s.worker_verify_s or 0:.2f} reload_weights {s.worker_reload_s or 0:.2f}] warmup "
+        f"{s.warmup_s:.2f} other {s.other_s:.2f})"
     )
 
 
@@ -475,6 +496,9 @@ def group_stats(run: Run, samples: list[Sample]) -> dict[str, Any]:
         out[key] = {"p50": pct(vals, 50), "p95": pct(vals, 95)}
     no_probe = [s.e2e_s - s.warmup_s for s in samples]
     out["e2e_no_probe_s"] = {"p50": pct(no_probe, 50), "p95": pct(no_probe, 95)}
+    for key in ("worker_verify_s", "worker_reload_s"):
+        vals = [getattr(s, key) for s in samples if getattr(s, key) is not None]
+        out[key] = {"p50": pct(vals, 50), "p95": pct(vals, 95)}
     out["encode_gbps"] = pct([run.raw_bytes / s.encode_s / 1e9 for s in samples], 50)
     decodes = [s.decode_s for s in samples if s.decode_s]
     out["decode_gbps"] = pct([run.raw_bytes / d / 1e9 for d in decodes], 50) if decodes else None
@@ -587,6 +611,12 @@ def print_report(run: Run, summary: dict[str, Any], rows: list[dict[str, Any]]) 
                 f"shuffled {mb(g['nbytes']['p50'])}; shuffled/naive "
                 f"{g['shuffled_over_naive']:.3f}"
             )
+    for name, g in summary["groups"].items():
+        print(
+            f"{name}: worker side of reload, p50: read + verify + decode "
+            f"{g['worker_verify_s']['p50']:.4f} s, reload_weights "
+            f"{g['worker_reload_s']['p50']:.4f} s"
+        )
     bare = summary["bare_reload_s"]
     print(
         f"bare reload_weights (all tensors from host memory, worker-timed): p50 "

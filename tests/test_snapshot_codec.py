@@ -122,3 +122,36 @@ def test_malformed_blobs_raise_checksum_error(monkeypatch: pytest.MonkeyPatch) -
     except ChecksumError:
         return
     assert digest != snap.checksum(cur)
+
+
+def test_buffer_pool_reuses_memory_only_once_no_view_is_left() -> None:
+    pool = snap._BufferPool(min_bytes=64, max_idle_bytes=1024)
+    assert pool.take(16).nbytes == 16  # small: a plain array, never pooled
+    array = pool.take(256)
+    address = array.ctypes.data
+    view = array.view(np.uint16)[3:]
+    del array
+    other = pool.take(256)
+    assert other.ctypes.data != address  # the view still uses the first buffer
+    del view
+    again = pool.take(256)
+    assert again.ctypes.data == address  # taken back, reused
+    del other, again
+    too_big = pool.take(2048)
+    del too_big  # more than max_idle_bytes: dropped, not kept
+    assert pool._idle_bytes == 512
+
+
+def test_snapshot_bytes_survive_buffer_recycling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snap, "_BUFFERS", snap._BufferPool(min_bytes=64, max_idle_bytes=1 << 20))
+    prev, cur = pair(4096, 2, 0.1)
+    first = snap._encode_tensor(prev, cur, 2, 1)
+    raw = first.raw
+    assert raw is not None
+    keep = torch.from_numpy(raw.copy())
+    tensor_view = torch.from_numpy(raw)  # like to_torch: must keep the buffer alive
+    del first, raw
+    prev2, cur2 = pair(4096, 2, 0.5, seed=1)
+    for _ in range(3):
+        snap._encode_tensor(prev2, cur2, 2, 1)
+    assert torch.equal(tensor_view, keep)

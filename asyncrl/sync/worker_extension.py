@@ -36,6 +36,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,13 +210,19 @@ class WorkerHotloadState:
         self.kind: str | None = None
         self.loaded_at: float | None = None
         self.hotloads = 0
+        self.last_timings: dict[str, float] = {}  # of the last hotload: verify_s, reload_s
 
     @property
     def identity(self) -> str | None:
         return None if self.snapshot is None else self.snapshot.identity
 
     def prepare(
-        self, request: HotloadRequest, *, root: str | None, token: str | None
+        self,
+        request: HotloadRequest,
+        *,
+        root: str | None,
+        token: str | None,
+        workers: int | None = None,
     ) -> HotloadPlan:
         """Check and load everything; touches nothing. Raises the error to report."""
         from asyncrl.sync.snapshot import apply_snapshot, changed_layer_groups, read_manifest
@@ -229,7 +236,7 @@ class WorkerHotloadState:
                 f"{path} holds snapshot {manifest.snapshot_identity}, the request names "
                 f"{request.snapshot_identity}"
             )
-        loaded = apply_snapshot(path, self.snapshot)
+        loaded = apply_snapshot(path, self.snapshot, workers=workers, manifest=manifest)
         if loaded.snapshot.identity != request.snapshot_identity:
             raise ChecksumError(
                 f"{path} loaded as {loaded.snapshot.identity}, expected {request.snapshot_identity}"
@@ -284,6 +291,7 @@ class WorkerHotloadState:
             "kind": self.kind,
             "loaded_at": self.loaded_at,
             "hotloads": self.hotloads,
+            "last_hotload": dict(self.last_timings),
         }
 
 
@@ -302,15 +310,18 @@ class AsyncRLWorkerExtension:
         start = time.perf_counter()
         try:
             request = HotloadRequest.from_json(request_json)
-            plan = state.prepare(
-                request,
-                root=os.environ.get(ENV_SNAPSHOT_ROOT),
-                token=os.environ.get(ENV_HOTLOAD_TOKEN),
-            )
+            with _all_cpus() as threads:
+                plan = state.prepare(
+                    request,
+                    root=os.environ.get(ENV_SNAPSHOT_ROOT),
+                    token=os.environ.get(ENV_HOTLOAD_TOKEN),
+                    workers=threads,
+                )
         except Exception as exc:
             _log.warning("hotload.rejected", error=f"{type(exc).__name__}: {exc}")
             return error_reply(exc, engine_touched=False)
         verified = time.perf_counter()
+        state.last_timings = {"verify_s": verified - start, "decode_threads": float(threads or 1)}
         try:
             self.reload_weights(weights_iterator=plan.weights())  # type: ignore[attr-defined]
             _refresh_tied_lm_head(self, plan.reload_names)
@@ -320,6 +331,7 @@ class AsyncRLWorkerExtension:
             return error_reply(exc, engine_touched=True)
         state.commit(plan)
         done = time.perf_counter()
+        state.last_timings["reload_s"] = done - verified
         reply = {
             "ok": True,
             "identity": plan.identity,
@@ -363,6 +375,28 @@ def _refresh_tied_lm_head(worker: Any, reloaded: Any) -> None:
 
 
 EMBED_TOKENS = "model.embed_tokens.weight"
+
+
+@contextmanager
+def _all_cpus() -> Iterator[int | None]:
+    """Let the calling thread, and the threads it starts, run on every CPU of the process's
+    cpuset while a snapshot is read, decoded and verified; yields how many that is.
+
+    vLLM-CPU pins its worker's main thread to the cores of its OpenMP pool (one core on a
+    2-core machine, the other is reserved for the API server and engine core process). The
+    hotload runs while the engine is paused, so decoding on the reserved core as well takes
+    nothing from serving. The thread's own affinity is restored before the engine is touched."""
+    try:
+        pinned = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the kernel keeps the cpuset's
+        widened = os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux, or not allowed: decode where we are
+        yield None
+        return
+    try:
+        yield len(widened)
+    finally:
+        os.sched_setaffinity(0, pinned)
 
 
 def _state_of(worker: Any) -> WorkerHotloadState:
