@@ -16,7 +16,10 @@ every step, the useful kill points are:
   step S-1;
 - ``checkpoint.before_record=kill@N``: step S's state is complete on disk but dataloader.json
   does not name it yet: the rerun resumes from step S-1 and writes step S again;
-- ``loop.after_checkpoint=kill@N``: step S is fully checkpointed, not yet synced or logged.
+- ``loop.after_checkpoint=kill@N``: step S is fully checkpointed, not yet synced or logged;
+  the rerun resumes AFTER it, so metrics.jsonl never gets step S's row (reported in the
+  result's detail). Off-policy, a kill in step S+1's checkpoint can likewise lose step S's
+  row: the trainer checkpoints S+1 before S's sync has written it.
 
 The default ``kills`` do the first at step 2, then (in the rerun, from step 1) the second at
 step 3; the last start resumes from step 2.
@@ -311,6 +314,11 @@ def summarize(
         problems.append(f"the rerun exited {final.returncode} (log: {final.log})")
     if leftovers:
         problems.append(f"vLLM processes outlived a killed trainer: {leftovers}")
+    # a step checkpointed before its metrics row was written and killed in between is never
+    # logged: the rerun resumes after it (the row is in rows.jsonl, not in metrics.jsonl)
+    unlogged = sorted(set(range(1, run.max_steps + 1)) - set(run.metrics))
+    if completed and unlogged:
+        problems.append(f"no metrics row for steps {unlogged}")
     audit = audit_rows(run.log_path, run.n_rows) if completed else None
     # a kill is survived when the next attempt resumed from a checkpoint and the run completed
     survived = 0
@@ -350,8 +358,10 @@ def run_trainer_kill(
     max_steps: int = 4,
     seed: int = 0,
     timeout_s: float = 300.0,
+    **overrides: Any,
 ) -> ScenarioResult:
-    """Run the scenario in ``workdir`` (a fresh directory); see the module docstring."""
+    """Run the scenario in ``workdir`` (a fresh directory); see the module docstring.
+    Blocking (it waits for subprocesses): from async code, run it in a worker thread."""
     run = kill_and_rerun(
         workdir,
         model_dir,
@@ -360,5 +370,6 @@ def run_trainer_kill(
         max_steps=max_steps,
         seed=seed,
         timeout_s=timeout_s,
+        **overrides,
     )
     return summarize(run)
