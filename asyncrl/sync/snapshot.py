@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -640,12 +641,13 @@ class _BufferPool:
     view of it) is garbage: a snapshot's bytes then reuse the memory of one that was dropped
     instead of faulting in fresh pages (~0.5-2 s per GB in a VM, more than the decode).
 
-    A buffer is a ``bytearray``; the array is ``np.frombuffer`` of it, so numpy views of the
+    A buffer is an anonymous ``mmap`` (transparent huge pages where the kernel allows, like
+    numpy's own large arrays); the array is ``np.frombuffer`` of it, so numpy views of the
     array keep the array itself alive and its finalizer runs only once none is left."""
 
     def __init__(self, min_bytes: int, max_idle_bytes: int) -> None:
         self.min_bytes, self.max_idle_bytes = min_bytes, max_idle_bytes
-        self._idle: dict[int, list[bytearray]] = {}
+        self._idle: dict[int, list[mmap.mmap]] = {}
         self._idle_bytes = 0
         self._lock = threading.RLock()
 
@@ -658,12 +660,14 @@ class _BufferPool:
             if buffer is not None:
                 self._idle_bytes -= nbytes
         if buffer is None:
-            buffer = bytearray(nbytes)
+            buffer = mmap.mmap(-1, nbytes)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                buffer.madvise(mmap.MADV_HUGEPAGE)
         array = np.frombuffer(buffer, np.uint8)
         weakref.finalize(array, self._give_back, buffer)
         return array
 
-    def _give_back(self, buffer: bytearray) -> None:
+    def _give_back(self, buffer: mmap.mmap) -> None:
         with self._lock:
             if self._idle_bytes + len(buffer) <= self.max_idle_bytes:
                 self._idle.setdefault(len(buffer), []).append(buffer)
