@@ -100,15 +100,29 @@ def test_kill_during_a_state_write_leaves_it_ignored(killed_run: KillRun) -> Non
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # whichever runs first also runs the module fixtures
 def test_kill_between_state_and_record_resumes_from_the_recorded_one(killed_run: KillRun) -> None:
-    _, second, final = killed_run.attempts
+    _, second, third, _ = killed_run.attempts
     assert second.returncode == -signal.SIGKILL, second.log
     # the resume removed the first kill's .tmp-* payload
     assert second.tmp_states == []
     # step 3's state is complete, but dataloader.json does not name it
     assert second.states == ["step-1", "step-2", "step-3"]
     assert second.recorded == ["step-1", "step-2"]
+    assert third.resumed_from == "step-2"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # whichever runs first also runs the module fixtures
+def test_kill_after_a_checkpoint_before_its_row_is_logged_restores_the_row(
+    killed_run: KillRun,
+) -> None:
+    third, final = killed_run.attempts[2:]
+    assert third.returncode == -signal.SIGKILL, third.log
+    assert third.recorded == ["step-1", "step-2", "step-3"]
     assert final.returncode == 0, final.log
-    assert final.resumed_from == "step-2"
+    assert final.resumed_from == "step-3"  # step 3 is not redone...
+    assert killed_run.metrics[3].get("metrics/restored") == 1.0  # ...but its row is there
+    assert "perf/weight_sync_time" not in killed_run.metrics[3]  # its sync never finished
     assert final.states == final.recorded == [f"step-{s}" for s in range(1, MAX_STEPS + 1)]
     assert final.tmp_states == []
     loader = json.loads((killed_run.log_path / "dataloader.json").read_text())
@@ -121,9 +135,9 @@ def test_kill_between_state_and_record_resumes_from_the_recorded_one(killed_run:
 def test_scenario_survives_both_kills_with_no_row_lost_or_duplicated(killed_run: KillRun) -> None:
     result = summarize(killed_run)
     assert result.ok, result.to_json()
-    assert result.faults_injected == result.faults_survived == 2
+    assert result.faults_injected == result.faults_survived == 3
     assert result.rows_lost == 0 and result.rows_duplicated == 0
-    assert len(result.recover_s) == 2 and all(0 < s < 300 for s in result.recover_s)
+    assert len(result.recover_s) == 3 and all(0 < s < 300 for s in result.recover_s)
 
 
 @pytest.mark.integration

@@ -17,12 +17,13 @@ every step, the useful kill points are:
 - ``checkpoint.before_record=kill@N``: step S's state is complete on disk but dataloader.json
   does not name it yet: the rerun resumes from step S-1 and writes step S again;
 - ``loop.after_checkpoint=kill@N``: step S is fully checkpointed, not yet synced or logged;
-  the rerun resumes AFTER it, so metrics.jsonl never gets step S's row (reported in the
-  result's detail). Off-policy, a kill in step S+1's checkpoint can likewise lose step S's
-  row: the trainer checkpoints S+1 before S's sync has written it.
+  the rerun resumes AFTER it and writes step S's metrics row from the checkpoint (marked
+  ``metrics/restored``; a missing row is reported in the result's detail). Off-policy, the
+  same holds for step S-1 when the kill falls in step S's checkpoint before S-1's sync.
 
 The default ``kills`` do the first at step 2, then (in the rerun, from step 1) the second at
-step 3; the last start resumes from step 2.
+step 3, then (from step 2) the third right after step 3's checkpoint; the last start resumes
+from step 3.
 
 Checked per attempt: the exit (SIGKILL, then 0), which checkpoint the rerun resumed from,
 what the kill left on disk, and that no vLLM process of the killed run outlives it (its
@@ -57,7 +58,11 @@ __all__ = [
     "write_run_config",
 ]
 
-DEFAULT_KILLS = ("state.before_rename=kill@2", "checkpoint.before_record=kill@2")
+DEFAULT_KILLS = (
+    "state.before_rename=kill@2",
+    "checkpoint.before_record=kill@2",
+    "loop.after_checkpoint=kill@1",
+)
 REWARD_FN = "asyncrl.chaos.runs:letter_share_reward"
 ORPHAN_GRACE_S = 15.0
 
@@ -314,8 +319,7 @@ def summarize(
         problems.append(f"the rerun exited {final.returncode} (log: {final.log})")
     if leftovers:
         problems.append(f"vLLM processes outlived a killed trainer: {leftovers}")
-    # a step checkpointed before its metrics row was written and killed in between is never
-    # logged: the rerun resumes after it (the row is in rows.jsonl, not in metrics.jsonl)
+    # a step checkpointed but killed before its row was logged is restored from the checkpoint
     unlogged = sorted(set(range(1, run.max_steps + 1)) - set(run.metrics))
     if completed and unlogged:
         problems.append(f"no metrics row for steps {unlogged}")
@@ -327,10 +331,12 @@ def summarize(
             a.killed and nxt.resumed_from is not None
             for a, nxt in zip(killed, run.attempts[1:], strict=True)
         )
+    # kill -> the rerun logging a new step (or, if it was killed again before logging one,
+    # -> its resume from a checkpoint)
     recover = [
-        nxt.started - a.ended + nxt.first_step_s
+        nxt.started - a.ended + back
         for a, nxt in zip(killed, run.attempts[1:], strict=True)
-        if a.killed and nxt.first_step_s is not None
+        if a.killed and (back := nxt.first_step_s or nxt.resume_s) is not None
     ]
     resumes = ", ".join(str(a.resumed_from) for a in run.attempts[1:])
     wall = final.ended - run.attempts[0].started

@@ -111,6 +111,9 @@ class _Shared:
     def __init__(self, gate: AdmissionGate, ledger: RowLedger) -> None:
         self.gate = gate
         self.ledger = ledger
+        # metrics rows of trained steps not yet in metrics.jsonl (written after their sync);
+        # a checkpoint keeps them, so a kill before the sync does not lose the row
+        self.unlogged: dict[int, dict[str, Any]] = {}
         self.counters = _Counters()
         self._changed = anyio.Event()
 
@@ -514,12 +517,44 @@ async def _save_checkpoint(
     """A periodic (resumable) or final (resumable + promotable) checkpoint of ``step``."""
     final = step >= cfg.max_steps
     name = f"step-{step}"
+    unlogged = {str(s): _jsonable(m) for s, m in shared.unlogged.items()}
     await ckpt.save(
-        name, resumable=True, promotable=final, data_consumed=shared.ledger.state(), step=step
+        name,
+        resumable=True,
+        promotable=final,
+        data_consumed={**shared.ledger.state(), UNLOGGED_KEY: unlogged},
+        step=step,
     )
     failpoint("loop.after_checkpoint")  # step recorded; not yet synced or logged
     if final:
         summary.final_checkpoint = name
+
+
+UNLOGGED_KEY = "unlogged_metrics"
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """Numbers only, non-finite as None (what metrics.jsonl would hold)."""
+    out: dict[str, float | None] = {}
+    for key, value in metrics.items():
+        value = value.item() if hasattr(value, "item") else value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = float(value) if math.isfinite(value) else None
+    return out
+
+
+async def _restore_unlogged(resumed: Any, metrics_writer: Any, log_path: Path) -> None:
+    """Write the metrics rows a killed run had trained and checkpointed but not yet logged
+    (their weight sync had not finished): marked ``metrics/restored``, without sync figures."""
+    from asyncrl.metrics import read_metrics
+
+    saved = resumed.data.get(UNLOGGED_KEY) or {}
+    logged = {int(r["step"]) for r in await anyio.to_thread.run_sync(read_metrics, log_path)}
+    for step in sorted(int(s) for s in saved):
+        if step <= resumed.step and step not in logged:
+            row = {k: v for k, v in saved[str(step)].items() if k != "step"}
+            await metrics_writer.write(step, {**row, "metrics/restored": 1.0})
+            log.warning("metrics_row_restored_from_checkpoint", step=step)
 
 
 def _checkpoint_due(cfg: RLConfig, step: int) -> bool:
@@ -699,6 +734,8 @@ async def _run_with_deployment(
     client, resumed = side.client, side.resumed
     step0 = client.step
     shared = _shared_state(cfg, len(rows), step0, resumed)
+    if resumed is not None:
+        await _restore_unlogged(resumed, metrics_writer, cfg.log_path)
     summary = RunSummary(cfg.log_path, step0, resumed.name if resumed else None, None, None)
     async with DeploymentManager() as mgr:
         deployment = await _open_deployment(mgr, cfg, client)
@@ -805,11 +842,13 @@ async def _loop(
                 metrics = await trainer.train(batch)
                 now = time.perf_counter()
                 metrics.update({"perf/train_wait_time": wait, "perf/step_time": now - last})
+                metrics.update(shared.counters.take())  # what this step's collection saw
                 metrics["perf/tokens_per_s"] = metrics["train/trained_tokens"] / (now - last)
                 last = now
                 step = client.step
                 # before the checkpoint: a state never covers rows the trace does not show
                 await _trace_rows(cfg.log_path, step, batch, shared)
+                shared.unlogged[step] = metrics
                 if _checkpoint_due(cfg, step):
                     # here, not in the sync task: the state must be queued on the trainer's
                     # worker before our next step's work, so weights and row accounting agree
@@ -832,7 +871,6 @@ async def _loop(
                         "perf/weight_sync_time": timing.total_s,
                         "sync/bytes": timing.nbytes,
                         "sync/is_delta": float(timing.kind == "delta"),
-                        **shared.counters.take(),
                         **_recovery_metrics(supervisor, recoveries_seen),
                     }
                 )
@@ -840,6 +878,7 @@ async def _loop(
                 shared.gate.on_published(step)
                 shared.pulse()
                 await metrics_writer.write(step, metrics)
+                shared.unlogged.pop(step, None)
                 summary.metrics.append({"step": step, **metrics})
                 summary.steps = step
                 if on_step is not None:

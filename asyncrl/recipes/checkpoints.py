@@ -130,9 +130,11 @@ class TrainingCheckpoints:
                 written.append(Path(entry["state_path"]))
             if promotable:
                 base = self.client.sampler_root / f"{name}-base"
-                if not base.exists():
-                    await self.client.save_weights_for_sampler_ext(f"{name}-base", "base")
-                    written.append(base)
+                if base.exists():  # left by a killed run (unrecorded): may hold other weights
+                    log.warning("stale_checkpoint_base_replaced", path=str(base))
+                    shutil.rmtree(base)
+                await self.client.save_weights_for_sampler_ext(f"{name}-base", "base")
+                written.append(base)
                 entry["sampler_path"] = str(base)
             entry.update(resumable=resumable, promotable=promotable)
             failpoint("checkpoint.before_record")  # complete on disk, not yet recorded

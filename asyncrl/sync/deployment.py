@@ -881,10 +881,11 @@ class DeploymentManager:
         return deployment.served_model_name
 
     async def _probe(self, deployment: Deployment) -> list[float]:
-        """A 2-token completion with ``logprobs=0``; the values must be finite."""
+        """A 1-token completion with ``logprobs=0`` (the prompt's forward runs every layer);
+        the value must be finite."""
         prompt = deployment.config.probe_prompt if deployment.config else "Hello"
         body = {
-            "model": await self._model_name(deployment), "prompt": prompt, "max_tokens": 2,
+            "model": await self._model_name(deployment), "prompt": prompt, "max_tokens": 1,
             "temperature": 1.0, "seed": 0, "logprobs": 0,
         }
         reply = await self._control(deployment, "POST", "/v1/completions", json=body)
