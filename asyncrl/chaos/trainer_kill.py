@@ -303,7 +303,7 @@ def kill_and_rerun(
 
 
 def summarize(
-    run: KillRun, name: str = "trainer SIGKILL (mid-write, between writes)"
+    run: KillRun, name: str = "trainer SIGKILL (mid-write, before record, after ckpt)"
 ) -> ScenarioResult:
     """The ScenarioResult of a finished ``kill_and_rerun``."""
     *killed, final = run.attempts
