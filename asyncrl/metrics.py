@@ -27,7 +27,7 @@ from asyncrl.errors import ConfigError, MetricsWriteError
 from asyncrl.logging import get_logger
 from asyncrl.trainer.state import describe_os_error
 
-__all__ = ["MetricsWriteError", "MetricsWriter", "read_metrics"]
+__all__ = ["MetricsWriteError", "MetricsWriter", "clean_row", "read_metrics"]
 
 log = get_logger("asyncrl.metrics")
 
@@ -38,6 +38,12 @@ def _clean(value: Any) -> Any:
     if hasattr(value, "item"):
         return _clean(value.item())
     return value
+
+
+def clean_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` as metrics.jsonl holds them: tensors / numpy scalars as Python numbers,
+    non-finite floats as None."""
+    return {k: _clean(v) for k, v in metrics.items()}
 
 
 class MetricsWriter:
@@ -72,7 +78,7 @@ class MetricsWriter:
         raise ConfigError(f"unknown metrics sink {name!r}; choose tensorboard or wandb")
 
     async def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        row = {"step": step, **clean_row(metrics)}
         self.nonfinite += sum(1 for k, v in metrics.items() if row.get(k) is None and v is not None)
         line = json.dumps(row) + "\n"
         size = None

@@ -30,25 +30,20 @@ HANG_SYNC = "r2"  # a plain reward that sleeps past the timeout
 TIMEOUT_S = 1.0
 
 
-async def hanging_async_reward(completion: Any, row: Any) -> float:
-    if row.row_id == HANG_ASYNC:
-        await anyio.sleep(3600)
-    return letter_share_reward(completion, row)
-
-
-def _maybe_sleeping(completion: Any, row: Any) -> float:
-    if row.row_id == HANG_SYNC:
-        time.sleep(TIMEOUT_S * 3)
+def _sleep_past_timeout(completion: Any, row: Any) -> float:
+    time.sleep(TIMEOUT_S * 3)
     return letter_share_reward(completion, row)
 
 
 async def reward(completion: Any, row: Any) -> float:
     """Hangs (async) on HANG_ASYNC; blocks a thread past the timeout on HANG_SYNC."""
-    if row.row_id == HANG_SYNC:
+    if row.row_id == HANG_ASYNC:
+        await anyio.sleep(3600)  # never returns: cancelled at the timeout
+    elif row.row_id == HANG_SYNC:
         return await anyio.to_thread.run_sync(
-            _maybe_sleeping, completion, row, abandon_on_cancel=True
+            _sleep_past_timeout, completion, row, abandon_on_cancel=True
         )
-    return await hanging_async_reward(completion, row)
+    return letter_share_reward(completion, row)
 
 
 async def run_hung_reward(workdir: Path, model_dir: Path, *, max_steps: int = 8) -> ScenarioResult:

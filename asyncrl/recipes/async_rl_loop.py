@@ -40,6 +40,7 @@ from asyncrl.chaos.faults import failpoint
 from asyncrl.config import RLConfig
 from asyncrl.errors import RolloutError, SamplingError
 from asyncrl.logging import get_logger
+from asyncrl.metrics import clean_row
 from asyncrl.recipes.checkpoints import TrainingCheckpoints, promote_checkpoint
 from asyncrl.recipes.data import RowKey, RowLedger, check_prompt_lengths, load_rows
 from asyncrl.recipes.gate import AdmissionGate
@@ -517,7 +518,7 @@ async def _save_checkpoint(
     """A periodic (resumable) or final (resumable + promotable) checkpoint of ``step``."""
     final = step >= cfg.max_steps
     name = f"step-{step}"
-    unlogged = {str(s): _jsonable(m) for s, m in shared.unlogged.items()}
+    unlogged = {str(s): clean_row(m) for s, m in shared.unlogged.items()}
     await ckpt.save(
         name,
         resumable=True,
@@ -531,16 +532,6 @@ async def _save_checkpoint(
 
 
 UNLOGGED_KEY = "unlogged_metrics"
-
-
-def _jsonable(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """Numbers only, non-finite as None (what metrics.jsonl would hold)."""
-    out: dict[str, float | None] = {}
-    for key, value in metrics.items():
-        value = value.item() if hasattr(value, "item") else value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = float(value) if math.isfinite(value) else None
-    return out
 
 
 async def _restore_unlogged(resumed: Any, metrics_writer: Any, log_path: Path) -> None:

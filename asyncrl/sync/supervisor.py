@@ -91,7 +91,6 @@ class DeploymentSupervisor:
         self._serving = anyio.Event()
         self._serving.set()
         self._lock = anyio.Lock()
-        self._poke = anyio.Event()
         self.resynced_name: str | None = None
 
     # -- what actors use -----------------------------------------------------------------------
@@ -151,13 +150,11 @@ class DeploymentSupervisor:
     # -- recovery ------------------------------------------------------------------------------
 
     async def watch(self) -> None:
-        """Health-check every ``check_interval_s`` (or when poked); recover after
+        """Health-check every ``check_interval_s``; recover after
         ``failed_checks`` failures in a row (at once when an owned process exited)."""
         failures = 0
         while True:
-            with anyio.move_on_after(self.check_interval_s):
-                await self._poke.wait()
-            self._poke = anyio.Event()
+            await anyio.sleep(self.check_interval_s)
             if self._lock.locked():
                 failures = 0
                 continue
@@ -171,10 +168,6 @@ class DeploymentSupervisor:
             if dead or failures >= self.failed_checks:
                 failures = 0
                 await self.recover("health check failed", epoch)
-
-    def poke(self) -> None:
-        """Check health now (e.g. a request just failed)."""
-        self._poke.set()
 
     async def recover(self, reason: str, epoch: int) -> None:
         """Bring the deployment back serving the newest saved weights. No-op when a recovery

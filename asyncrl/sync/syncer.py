@@ -124,7 +124,7 @@ class WeightSyncer:
         if self._closed:
             raise ClosedResourceError("WeightSyncer is closed")
         async with self._lock:
-            self.chain.reset()
+            self.reset_delta_chain()
             log.warning("resync_base", name=name, source=self._newest_saved)
             return await self._sync(name, "base", source=self._newest_saved)
 
