@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from asyncrl.sync.deployment import PGID_SUFFIX, process_group_members, reap_stale_groups
+from asyncrl.sync.deployment import (
+    PGID_SUFFIX,
+    is_server_process,
+    process_group_members,
+    reap_stale_groups,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc, prctl")
 
@@ -93,6 +98,33 @@ def test_the_group_goes_when_the_server_dies(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+# an orphaned vLLM worker as it really looks: retitled, nothing vLLM-like on its command line
+RETITLED = (
+    "import ctypes, time; ctypes.CDLL(None).prctl(15, b'VL' + b'LM::Worker'); "  # PR_SET_NAME
+    "time.sleep(120)"
+)
+
+
+def test_a_retitled_engine_process_is_recognised_and_reaped(tmp_path: Path) -> None:
+    worker = subprocess.Popen([sys.executable, "-c", RETITLED], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker.pid}/comm").read_bytes().strip() != b"VLLM::Worker":
+            assert time.monotonic() < deadline, "the stand-in did not retitle itself"
+            time.sleep(0.05)
+        assert b"vllm" not in Path(f"/proc/{worker.pid}/cmdline").read_bytes().lower()
+        assert is_server_process(worker.pid)
+        assert not is_server_process(os.getpid())
+        (tmp_path / f"vllm-1{PGID_SUFFIX}").write_text(f"{worker.pid}\n")
+        assert reap_stale_groups(tmp_path) == [worker.pid]
+        worker.wait(timeout=10)
+        assert worker.returncode == -signal.SIGKILL
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
 
 
 def test_a_later_run_reaps_the_group_an_earlier_one_recorded(tmp_path: Path) -> None:

@@ -38,13 +38,9 @@ DEFAULT_KILLS: Mapping[int, str] = {2: "group", 4: "engine"}
 
 def server_pgids(deployment_log_dir: Path) -> list[int]:
     """The process groups of the servers a run recorded (``*.pgid`` next to their logs)."""
-    out = []
-    for record in sorted(Path(deployment_log_dir).glob("*.pgid")):
-        try:
-            out.append(int(record.read_text().strip()))
-        except (OSError, ValueError):
-            continue
-    return out
+    from asyncrl.sync.deployment import recorded_server_groups
+
+    return [g for g in recorded_server_groups(deployment_log_dir).values() if g is not None]
 
 
 def kill_server(deployment_log_dir: Path, how: str) -> list[int]:

@@ -148,30 +148,15 @@ def train_command(config: Path) -> list[str]:
 
 
 def _server_groups(log_path: Path) -> set[int]:
-    out = set()
-    for record in (log_path / "deployment").glob("*.pgid"):
-        try:
-            out.add(int(record.read_text().strip()))
-        except (OSError, ValueError):
-            continue
-    return out
+    from asyncrl.chaos.deployment_kill import server_pgids
 
-
-def _is_vllm(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            comm = f.read()
-    except OSError:
-        return False
-    return b"vllm" in cmd or b"_launcher" in cmd or comm.startswith(b"VLLM")
+    return set(server_pgids(log_path / "deployment"))
 
 
 def _vllm_members(groups: set[int]) -> list[int]:
-    from asyncrl.sync.deployment import process_group_members
+    from asyncrl.sync.deployment import is_server_process, process_group_members
 
-    return sorted(p for g in groups for p in process_group_members(g) if _is_vllm(p))
+    return sorted(p for g in groups for p in process_group_members(g) if is_server_process(p))
 
 
 def _wait_no_orphans(groups: set[int], grace_s: float) -> list[int]:

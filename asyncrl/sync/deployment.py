@@ -108,7 +108,10 @@ __all__ = [
     "exception_from_reply",
     "interpret_hotload_replies",
     "is_loopback",
+    "is_server_process",
     "process_group_members",
+    "reap_stale_groups",
+    "recorded_server_groups",
     "server_command",
     "server_env",
 ]
@@ -413,35 +416,46 @@ def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
     return proc
 
 
+def recorded_server_groups(log_dir: Path) -> dict[Path, int | None]:
+    """The ``*.pgid`` records of ``log_dir`` and the group id each names (None: unreadable)."""
+    out: dict[Path, int | None] = {}
+    for record in sorted(Path(log_dir).glob(f"*{PGID_SUFFIX}")):
+        try:
+            out[record] = int(record.read_text().strip())
+        except (OSError, ValueError):
+            out[record] = None
+    return out
+
+
 def reap_stale_groups(log_dir: Path) -> list[int]:
     """SIGKILL the process groups recorded in ``log_dir/*.pgid`` by an earlier process that
     died without stopping its servers (e.g. it was SIGKILLed: vLLM's engine processes may
-    outlive their API server). Only groups whose members still run a vLLM server are touched
-    (a recycled pid is left alone). Returns the group ids killed."""
+    outlive their API server). Only groups with a member that is a vLLM server process are
+    touched (a recycled pid is left alone). Returns the group ids killed."""
     killed = []
-    for record in sorted(Path(log_dir).glob(f"*{PGID_SUFFIX}")):
-        try:
-            pgid = int(record.read_text().strip())
-        except (OSError, ValueError):
-            pgid = 0
-        if pgid and pgid not in _LIVE_GROUPS and _runs_vllm(process_group_members(pgid)):
+    for record, pgid in recorded_server_groups(log_dir).items():
+        if pgid is not None and pgid in _LIVE_GROUPS:
+            continue  # ours, running
+        if pgid and any(is_server_process(p) for p in process_group_members(pgid)):
             _log.warning("deployment.reaping_stale_server", pgid=pgid, record=str(record))
             _signal_group(pgid, signal.SIGKILL)
             killed.append(pgid)
-        if pgid not in _LIVE_GROUPS:
-            record.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
     return killed
 
 
-def _runs_vllm(pids: Sequence[int]) -> bool:
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"vllm" in f.read():
-                    return True
-        except OSError:
-            continue
-    return False
+def is_server_process(pid: int) -> bool:
+    """Whether ``pid`` is part of a vLLM server: its command line or name says vLLM (its engine
+    processes retitle themselves ``VLLM::EngineCore`` / ``VLLM::Worker``) or it is our
+    launcher."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            comm = f.read()
+    except OSError:
+        return False
+    return b"vllm" in (cmd + comm).lower() or _LAUNCHER.name.encode() in cmd
 
 
 def _leader_exited(proc: subprocess.Popen[bytes]) -> bool:
