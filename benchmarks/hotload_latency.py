@@ -23,16 +23,18 @@ slow on this CPU and would not change what a delta looks like); ``sign`` is
 server). ``auto`` (default): ``adam`` below 100M parameters, else ``sign``.
 
 Definitions:
-- save: trainer weights -> bf16 host copy; encode: snapshot write (XOR / shuffle / zstd /
-  checksums / file write + fsync for a delta; checksums + safetensors write for a base);
+- save: collecting the trainer's weights (references to the live fp32 parameters, ~0); encode:
+  the snapshot write, which converts them to bf16 chunk by chunk as it goes (conversion / XOR /
+  filter / zstd / checksums / file write + fsync for a delta; conversion + checksums +
+  safetensors write for a base);
   transfer: MODELED, snapshot bytes / ``--link-gbps`` (the snapshot is on a local disk here);
   pause / reload / resume: the deployment's hotload (reload = the worker rpc: read, verify,
   decode, ``reload_weights`` of the changed layers, plus the prefix-cache reset; the worker's
   own split, read back from ``asyncrl_status`` after the clock stopped, is printed too);
   warmup: the post-hotload probe completion.
-- e2e ("save..served"): wall time of ``save_and_hotload`` (status read, save, encode, hotload,
+- e2e ("save..served"): wall time of ``save_and_hotload`` (save, encode, status read, hotload,
   probe) PLUS the modeled transfer; other = e2e minus the phases above (mostly the status read
-  the syncer does before each sync).
+  the syncer does between the save and the hotload).
 - bare reload: the ``reload_s`` the worker extension reports for a base request of the snapshot
   it already serves: ``reload_weights(weights_iterator=...)`` of ALL tensors from host memory,
   timed after reading and verifying the file (sent straight to ``/collective_rpc`` between

@@ -304,15 +304,68 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupt_delta_raises_and_leaves_current(chain: Chain, corruption: str) -> None:
+def test_corrupt_delta_raises_and_leaves_current(
+    chain: Chain, corruption: str, in_place: bool
+) -> None:
     root, _, host0, _ = chain
     before = snapshot_bytes(host0)
     CORRUPTIONS[corruption](root / "d1")
     with pytest.raises(SnapshotError):
-        apply_snapshot(root / "d1", host0)
+        apply_snapshot(root / "d1", host0, in_place=in_place)
     assert snapshot_bytes(host0) == before
     assert make_host_snapshot(dict(host0.tensors)).identity == host0.identity
+    assert not any(raw.data.flags.writeable for raw in host0.tensors.values())
+
+
+def reforge_longest_blob(path: Path) -> None:
+    """Damage the end of the longest blob AND fix its blob checksum: only decoding (after its
+    earlier chunks were applied) or the result checksum can catch it."""
+    obj = json.loads((path / MANIFEST_FILE).read_text())
+    entry = max((e["blob"] for e in obj["tensors"] if "blob" in e), key=lambda b: b["length"])
+    data = bytearray((path / DELTA_FILE).read_bytes())
+    start, end = entry["offset"], entry["offset"] + entry["length"]
+    data[end - 2] ^= 0xFF
+    (path / DELTA_FILE).write_bytes(bytes(data))
+    entry["checksum"] = snap.checksum(bytes(data[start:end]))
+    (path / MANIFEST_FILE).write_text(json.dumps(obj))
+
+
+@pytest.mark.parametrize("damage", ["reforged_blob", "result_checksum"])
+def test_in_place_failure_puts_every_held_byte_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 64)  # many chunks per tensor: some applied first
+    w0 = model()
+    _, host0 = write_base(tmp_path, "b0", w0)
+    write_delta(tmp_path, "d1", nudge(w0, sorted(w0), lr=0.5), host0)
+    before = snapshot_bytes(host0)
+    if damage == "reforged_blob":
+        reforge_longest_blob(tmp_path / "d1")
+    else:  # a wrong result checksum, the identity recomputed to match it
+        def edit(obj: dict[str, Any]) -> None:
+            [e for e in obj["tensors"] if "blob" in e][-1].update(checksum="0" * 32)
+            obj["snapshot_identity"] = snap.snapshot_identity(
+                (e["name"], e["dtype"], e["shape"], e["checksum"]) for e in obj["tensors"])
+        edit_manifest(tmp_path / "d1", edit)
+    with pytest.raises(ChecksumError):
+        apply_snapshot(tmp_path / "d1", host0, in_place=True)
+    assert snapshot_bytes(host0) == before
+    assert not any(raw.data.flags.writeable for raw in host0.tensors.values())
+    assert apply_snapshot(tmp_path / "b0", None).snapshot.identity == host0.identity
+
+
+def test_in_place_apply_turns_the_held_bytes(chain: Chain) -> None:
+    root, _, host0, w1 = chain
+    copied = apply_snapshot(root / "d1", host0)
+    held = {name: raw.data for name, raw in host0.tensors.items()}
+    loaded = apply_snapshot(root / "d1", host0, in_place=True)
+    assert loaded.snapshot.identity == copied.snapshot.identity
+    assert_same_bytes(to_torch(loaded.snapshot), w1)
+    for name, raw in loaded.snapshot.tensors.items():  # no copy: the held arrays were turned
+        assert raw.data is held[name]
+        assert not raw.data.flags.writeable
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
@@ -463,6 +516,39 @@ def test_rename_failure_leaves_no_snapshot(tmp_path: Path, monkeypatch: pytest.M
 
 # ---------------------------------------------------------------------------------------------
 # Host bytes ownership and torch helpers
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_snapshots_convert_fp32_tensors_exactly_like_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: Any
+) -> None:
+    """Written straight from fp32 (converted chunk by chunk while encoding) = written from a
+    converted copy: same bytes, same identities, same delta."""
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 64)  # many chunks per tensor
+    name = snap.dtype_name(dtype)
+    w0 = model(dtype=torch.float32)
+    w0["model.norm.weight"] = torch.tensor([1e-40, -0.0, float("inf"), float("nan"), 65504.0,
+                                            3.0e38, -1.00390625, 1 + 2**-9])  # edge values
+    w1 = nudge(w0, sorted(w0)[:3], lr=1e-3)
+    converted = [{k: v.to(dtype) for k, v in w.items()} for w in (w0, w1)]
+    _, direct0 = write_base(tmp_path / "direct", "b0", w0, dtype=name)
+    _, copied0 = write_base(tmp_path / "copied", "b0", converted[0])
+    assert direct0.identity == copied0.identity
+    assert_same_bytes(to_torch(direct0), converted[0])
+    m_direct, direct1 = write_delta(tmp_path / "direct", "d1", w1, direct0, dtype=name)
+    m_copied, copied1 = write_delta(tmp_path / "copied", "d1", converted[1], copied0)
+    assert direct1.identity == copied1.identity
+    assert m_direct.changed == m_copied.changed and m_direct.changed
+    assert_same_bytes(to_torch(direct1), converted[1])
+    assert ((tmp_path / "direct" / "d1" / DELTA_FILE).read_bytes()
+            == (tmp_path / "copied" / "d1" / DELTA_FILE).read_bytes())
+
+
+def test_snapshot_dtype_must_be_known(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotError, match="unsupported"):
+        write_base(tmp_path, "b0", model(), dtype="float8")
+    with pytest.raises(SnapshotError, match="unsupported"):
+        snap.dtype_name(torch.complex64)
 
 
 def test_host_snapshot_owns_its_bytes(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ def pair(n: int, itemsize: int, density: float, seed: int = 0) -> tuple[np.ndarr
 
 
 def round_trip(prev: np.ndarray, cur: np.ndarray, itemsize: int) -> bytes | None:
-    enc = snap._encode_tensor(prev, cur, itemsize, snap.DEFAULT_ZSTD_LEVEL)
+    enc = snap._encode_tensor(prev, snap._raw_source(cur, itemsize), snap.DEFAULT_ZSTD_LEVEL)
     if enc.blob is None:
         assert np.array_equal(prev, cur)
         return None
@@ -48,18 +48,25 @@ def test_round_trip_across_densities_and_chunks(
     assert (blob is None) == np.array_equal(prev, cur) == (density == 0.0)
 
 
-def test_long_gaps_use_escape_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(snap, "CHUNK_BYTES", 1 << 16)
-    n = 20_000
-    prev = np.zeros(2 * n, np.uint8)
-    cur = prev.copy()
-    for position in (0, 254, 509, 510, 765 + 255 * 3, n - 1):  # gaps 254, 254, 0, 1020, ...
-        cur[2 * position] = 1
-    round_trip(prev, cur, 2)
-    positions = np.array([0, 254, 509, 510, 1530, 1786, 19_999])
-    gaps = snap._encode_gaps(positions)
-    assert np.array_equal(snap._decode_gaps(gaps, positions.size, n), positions)
-    assert gaps.tolist()[:6] == [0, 253, 254, 0, 255, 255]
+def test_gap_width_follows_the_largest_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 1 << 18)
+    n = 100_000
+    for positions, width in (
+        ([0, 254, 509, 510, n - 1], 4),  # last gap 99_488 > 65_535
+        ([0, 254, 509, 510, 765 + 255 * 3], 2),
+        ([3, 200, 201, 455], 1),
+        ([0], 1),
+    ):
+        at = np.array(positions)
+        gaps = snap._encode_gaps(at)
+        assert gaps.itemsize == width
+        assert np.array_equal(snap._decode_gaps(gaps, n), at)
+        prev = np.zeros(2 * n, np.uint8)
+        cur = prev.copy()
+        cur[2 * at] = 1
+        round_trip(prev, cur, 2)
+    with pytest.raises(ChecksumError, match="past"):
+        snap._decode_gaps(np.array([5, 5], np.uint8), 11)
 
 
 def test_sparse_positions_match_flatnonzero() -> None:
@@ -68,8 +75,11 @@ def test_sparse_positions_match_flatnonzero() -> None:
         for density in (0.001, 0.01, 0.2):
             diff = (rng.random(4096) < density).astype(snap._UINTS[itemsize]) * 3
             mask = np.empty(diff.size, np.bool_)
-            got = snap._changed_positions(diff, int(np.count_nonzero(diff)), itemsize, mask)
-            assert np.array_equal(got, np.flatnonzero(diff))
+            got = snap._changed_positions(diff, itemsize, mask)
+            assert got is not None and np.array_equal(got, np.flatnonzero(diff))
+    dense = np.ones(4096, np.uint16)
+    dense[::3] = 0  # 2/3 changed: byte planes
+    assert snap._changed_positions(dense, 2, np.empty(4096, np.bool_)) is None
 
 
 def test_unaligned_views_round_trip() -> None:
@@ -145,7 +155,7 @@ def test_buffer_pool_reuses_memory_only_once_no_view_is_left() -> None:
 def test_snapshot_bytes_survive_buffer_recycling(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(snap, "_BUFFERS", snap._BufferPool(min_bytes=64, max_idle_bytes=1 << 20))
     prev, cur = pair(4096, 2, 0.1)
-    first = snap._encode_tensor(prev, cur, 2, 1)
+    first = snap._encode_tensor(prev, snap._raw_source(cur, 2), 1)
     raw = first.raw
     assert raw is not None
     keep = torch.from_numpy(raw.copy())
@@ -153,5 +163,5 @@ def test_snapshot_bytes_survive_buffer_recycling(monkeypatch: pytest.MonkeyPatch
     del first, raw
     prev2, cur2 = pair(4096, 2, 0.5, seed=1)
     for _ in range(3):
-        snap._encode_tensor(prev2, cur2, 2, 1)
+        snap._encode_tensor(prev2, snap._raw_source(cur2, 2), 1)
     assert torch.equal(tensor_view, keep)

@@ -127,8 +127,10 @@ async def test_foreign_identity_forces_base(client: TrainingClient, tiny_model_d
     mgr.current = snapshot.HostSnapshot("f" * 32, mgr.current.tensors, mgr.current.checksums)
     train_step(client, 1)
     await syncer.save_and_hotload("s1")
-    assert mgr.loaded[-1][0] == "base"
-    assert syncer.chain.forced_bases == 1
+    assert [kind for kind, _ in mgr.loaded] == ["base", "base"]  # the delta was never sent
+    assert syncer.chain.forced_bases == 1 and syncer.chain.foreign_identities == 1
+    # the base holds the weights the delta was saved from (the trainer's current ones)
+    assert mgr.loaded[-1][1] == syncer.previous_snapshot_identity == client._last_identity
 
 
 def test_delta_without_base_is_a_clear_error(client: TrainingClient) -> None:

@@ -5,8 +5,9 @@
         saves are deltas against the identity the deployment CONFIRMED loading.
 
 Invariants (the decisions live in the pure ``DeltaChain``):
-- Before each sync the served identity is read back; an identity this syncer did not put
-  there resets the chain, so the next snapshot is a base (logged, counted).
+- At each sync the served identity is read back (after the save, before the hotload); an
+  identity this syncer did not put there resets the chain: the snapshot just saved goes out
+  as a base of the same weights (logged, counted).
 - A delta the deployment rejects (identity mismatch, checksum failure) or that fails to load
   is followed, in the same call, by a base: ``save_and_hotload`` returns only once the
   deployment serves the trainer's current weights, or raises.
@@ -131,14 +132,12 @@ class WeightSyncer:
     async def _save_and_hotload(
         self, name: str, checkpoint_type: str | None, after_submit: Callable[[], None] | None
     ) -> str:
-        status = await self.mgr.get_status(self.deployment)
-        self.chain.observe_served_identity(status.current_snapshot_identity)
         requested = checkpoint_type
         if requested is None and self.syncs == 0:
             requested = self.first_checkpoint_type
         kind = self.chain.next_checkpoint_type(requested)
         try:
-            return await self._sync(name, kind, after_submit)
+            return await self._sync(name, kind, after_submit, check_served=True)
         except _DELTA_REJECTIONS as exc:
             if kind != "delta":
                 raise
@@ -160,6 +159,7 @@ class WeightSyncer:
         after_submit: Callable[[], None] | None = None,
         *,
         source: str | None = None,
+        check_served: bool = False,
     ) -> str:
         t0 = time.perf_counter()
         # None until this save succeeds: a fallback after a failed SAVE writes the live weights
@@ -176,6 +176,8 @@ class WeightSyncer:
         saved = await future
         self._last_saved = self._newest_saved = saved.snapshot_identity
         self.chain.on_saved(saved.snapshot_identity, kind)
+        if check_served:
+            await self._check_served(saved)
         result = await self.hotload(
             saved.snapshot_identity, saved.path, saved.incremental_snapshot_metadata
         )
@@ -201,6 +203,21 @@ class WeightSyncer:
             total_s=round(total, 4),
         )
         return str(saved.snapshot_name)
+
+    async def _check_served(self, saved: Any) -> None:
+        """Read what the deployment serves now; a delta on anything else cannot apply.
+
+        Read AFTER the save, not before it: the status call wakes vLLM's worker, which then
+        busy-polls for a while (~1 s in vLLM 0.32) and would take a core from the encoder."""
+        status = await self.mgr.get_status(self.deployment)
+        self.chain.observe_served_identity(status.current_snapshot_identity)
+        if saved.kind == "delta" and (
+            self.chain.previous_snapshot_identity != saved.previous_snapshot_identity
+        ):
+            raise DeltaChainError(
+                f"the deployment serves {status.current_snapshot_identity}, not "
+                f"{saved.previous_snapshot_identity} that delta {saved.snapshot_name!r} is on"
+            )
 
     async def hotload(
         self, snapshot_identity: str, snapshot_path: Any, incremental: dict[str, str] | None

@@ -224,7 +224,9 @@ class WorkerHotloadState:
         token: str | None,
         workers: int | None = None,
     ) -> HotloadPlan:
-        """Check and load everything; touches nothing. Raises the error to report."""
+        """Check and load everything; touches no engine. Raises the error to report (the held
+        snapshot is then unchanged). On success the held snapshot's bytes ARE the plan's (a
+        delta is applied to them in place): ``commit`` or ``invalidate`` must follow."""
         from asyncrl.sync.snapshot import apply_snapshot, changed_layer_groups, read_manifest
 
         check_token(request.token, token)
@@ -236,14 +238,17 @@ class WorkerHotloadState:
                 f"{path} holds snapshot {manifest.snapshot_identity}, the request names "
                 f"{request.snapshot_identity}"
             )
-        loaded = apply_snapshot(path, self.snapshot, workers=workers, manifest=manifest)
-        if loaded.snapshot.identity != request.snapshot_identity:
+        names = [entry.name for entry in manifest.tensors]
+        if manifest.kind == "delta":
+            names = changed_layer_groups(manifest.changed, names)
+        # in place: the held bytes become the new ones (put back exactly if anything fails)
+        loaded = apply_snapshot(path, self.snapshot, workers=workers, manifest=manifest,
+                                in_place=True)
+        if loaded.snapshot.identity != request.snapshot_identity:  # pragma: no cover
+            self.invalidate()  # apply_snapshot checked it; never serve bytes we cannot name
             raise ChecksumError(
                 f"{path} loaded as {loaded.snapshot.identity}, expected {request.snapshot_identity}"
             )
-        names = loaded.snapshot.names
-        if manifest.kind == "delta":
-            names = changed_layer_groups(loaded.changed, names)
         return HotloadPlan(loaded, tuple(names))
 
     def _check_chain(

@@ -73,8 +73,8 @@ class SaveSamplerResult:
     kind: str
     previous_snapshot_identity: str | None
     nbytes: int
-    save_s: float
-    encode_s: float
+    save_s: float  # collecting the weights (a copy only for ``source_identity``)
+    encode_s: float  # conversion to the sampler dtype, XOR/filter/zstd, checksums, file write
 
     @property
     def incremental_snapshot_metadata(self) -> dict[str, str] | None:
@@ -165,15 +165,23 @@ def support_files(model_dir: Path) -> list[str]:
     )
 
 
-def serving_state_dict(model: Any, dtype: Any) -> dict[str, torch.Tensor]:
-    """HF tensor names -> contiguous CPU tensors in ``dtype``; tied lm_head left out."""
+def serving_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """HF tensor names -> the model's live tensors (detached, not copied); tied lm_head left
+    out. They change with the next optimizer step: copy before that."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
-        out[name] = tensor.detach().to("cpu", dtype).contiguous()
-    return out
+    return {
+        name: tensor.detach()
+        for name, tensor in model.state_dict().items()
+        if not (tied and name == "lm_head.weight")
+    }
+
+
+def serving_state_dict(model: Any, dtype: Any) -> dict[str, torch.Tensor]:
+    """HF tensor names -> contiguous CPU copies in ``dtype``; tied lm_head left out."""
+    return {
+        name: tensor.to("cpu", dtype).contiguous()
+        for name, tensor in serving_tensors(model).items()
+    }
 
 
 def _set_config_dtype(config_path: Path, dtype: str) -> None:
@@ -485,8 +493,8 @@ class TrainingClient:
             if source not in self._host_snapshots:
                 raise DeltaChainError(f"snapshot {source} is no longer held by this client")
             tensors = snapshot.to_torch(self._host_snapshots[source])
-        else:
-            tensors = serving_state_dict(self._holder.model, _resolve_dtype(self.sampler_dtype))
+        else:  # converted to the sampler dtype while it is written (no full-size copy first)
+            tensors = serving_tensors(self._holder.model)
         t1 = time.perf_counter()
         if kind == "delta":
             previous = previous or self._last_identity
@@ -525,12 +533,15 @@ class TrainingClient:
     ) -> Any:
         from asyncrl.sync import snapshot
 
+        dtype = snapshot.dtype_name(_resolve_dtype(self.sampler_dtype))
         if kind == "base":
             extras = {f: self.model_dir / f for f in support_files(self.model_dir)}
-            return snapshot.write_base(self.sampler_root, name, tensors, extra_files=extras)[1]
+            return snapshot.write_base(
+                self.sampler_root, name, tensors, dtype=dtype, extra_files=extras
+            )[1]
         assert previous is not None
         return snapshot.write_delta(
-            self.sampler_root, name, tensors, self._host_snapshots[previous]
+            self.sampler_root, name, tensors, self._host_snapshots[previous], dtype=dtype
         )[1]
 
     def _remember(self, host: Any, keep: str | None) -> None:
