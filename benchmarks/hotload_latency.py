@@ -269,23 +269,6 @@ async def bare_reload(deployment: Any, token: str, identity: str, path: Path) ->
     }
 
 
-async def served_logprobs(deployment: Any) -> list[float]:
-    body = {
-        "model": deployment.served_model_name,
-        "prompt": PROBE_TOKENS,
-        "max_tokens": 1,
-        "prompt_logprobs": 0,
-        "temperature": 1.0,
-    }
-    async with httpx.AsyncClient(
-        base_url=deployment.base_url, trust_env=False, timeout=120
-    ) as http:
-        response = await http.post("/v1/completions", json=body)
-    response.raise_for_status()
-    lps = response.json()["choices"][0]["prompt_logprobs"]
-    return [lps[i][str(PROBE_TOKENS[i])]["logprob"] for i in range(1, len(PROBE_TOKENS))]
-
-
 # ---------------------------------------------------------------------------------------------
 # one preset
 
@@ -449,7 +432,7 @@ async def cold_restart(
     run: Run, client: Any, manager: Any, deployment: Any, work: Path, token: str
 ) -> None:
     """Stop the server and start one on the final weights promoted to an HF dir."""
-    hotloaded = await served_logprobs(deployment)
+    hotloaded = await manager.prompt_logprobs(deployment, PROBE_TOKENS)
     t0 = time.perf_counter()
     promoted = await client.export_hf(work / "promoted")
     t1 = time.perf_counter()
@@ -460,7 +443,7 @@ async def cold_restart(
         manager, make_config(promoted, work / "snapshots", work / "logs", token)
     )
     try:
-        fresh = await served_logprobs(restarted)
+        fresh = await manager.prompt_logprobs(restarted, PROBE_TOKENS)
     finally:
         await manager.delete(restarted)
     run.restart_logprob_diff = max(abs(a - b) for a, b in zip(hotloaded, fresh, strict=True))

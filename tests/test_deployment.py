@@ -802,3 +802,18 @@ async def test_reconnect_and_wait_gives_up_after_its_timeout() -> None:
     async with manager:
         with pytest.raises(DeploymentError, match="not ready after"):
             await manager.reconnect_and_wait(deployment, timeout=0.6)
+
+
+@pytest.mark.anyio
+async def test_prompt_logprobs_reads_each_next_token() -> None:
+    fake = FakeVLLM()
+    fake.probe = {"choices": [{"prompt_logprobs": [
+        None, {"7": {"logprob": -1.5, "rank": 2}}, {"9": {"logprob": -0.25, "rank": 1}}]}]}
+    manager, deployment = await _attached(fake)
+    async with manager:
+        assert await manager.prompt_logprobs(deployment, [3, 7, 9]) == [-1.5, -0.25]
+        with pytest.raises(ConfigError, match="at least 2 tokens"):
+            await manager.prompt_logprobs(deployment, [3])
+        fake.probe = {"choices": [{"text": "x"}]}  # a server that ignored prompt_logprobs
+        with pytest.raises(DeploymentError, match="no prompt_logprobs"):
+            await manager.prompt_logprobs(deployment, [3, 7])

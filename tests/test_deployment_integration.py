@@ -65,19 +65,6 @@ def reference_logprobs(model_dir: Path, tensors: Mapping[str, Any]) -> list[floa
     return [logprobs[i - 1, TOKENS[i]].item() for i in range(1, len(TOKENS))]
 
 
-async def served_logprobs(deployment: Deployment) -> list[float]:
-    body = {
-        "model": deployment.served_model_name, "prompt": TOKENS, "max_tokens": 1,
-        "prompt_logprobs": 0, "temperature": 1.0,
-    }
-    async with httpx.AsyncClient(base_url=deployment.base_url, trust_env=False,
-                                 timeout=60) as client:
-        response = await client.post("/v1/completions", json=body)
-    response.raise_for_status()
-    prompt_logprobs = response.json()["choices"][0]["prompt_logprobs"]
-    return [prompt_logprobs[i][str(TOKENS[i])]["logprob"] for i in range(1, len(TOKENS))]
-
-
 def max_abs_diff(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b)
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
@@ -159,8 +146,10 @@ async def load_base(manager: DeploymentManager, deployment: Deployment, s: Snaps
     return await manager.hotload_and_wait(deployment, s.base.identity, snapshot_path=s.base.path)
 
 
-async def assert_serves(deployment: Deployment, expected: list[float]) -> None:
-    served = await served_logprobs(deployment)
+async def assert_serves(
+    manager: DeploymentManager, deployment: Deployment, expected: list[float]
+) -> None:
+    served = await manager.prompt_logprobs(deployment, TOKENS)
     assert max_abs_diff(served, expected) < ATOL, (served, expected)
 
 
@@ -189,7 +178,7 @@ async def test_base_hotload_serves_the_new_weights(
     assert result.identity == snaps.base.identity and result.kind == "base"
     assert result.changed_tensors == result.reloaded_tensors == len(snaps.base.tensors)
     assert result.timings.total_s >= result.timings.reload_s > 0
-    await assert_serves(vllm_deployment, expected)
+    await assert_serves(vllm_manager, vllm_deployment, expected)
 
 
 async def test_status_reports_identity_version_and_pid(
@@ -219,7 +208,7 @@ async def test_delta_reloads_only_the_changed_layer(
     layer1 = [n for n in snaps.base.tensors if n.startswith("model.layers.1.")]
     assert (result.kind, result.changed_tensors, result.reloaded_tensors) == (
         "delta", 1, len(layer1))
-    await assert_serves(vllm_deployment, expected)
+    await assert_serves(vllm_manager, vllm_deployment, expected)
     status = await vllm_manager.get_status(vllm_deployment)
     assert status.current_snapshot_identity == snaps.delta.identity
 
@@ -240,7 +229,7 @@ async def test_wrong_chain_delta_is_rejected_and_weights_unchanged(
             vllm_deployment, delta.identity, snapshot_path=delta.path,
             incremental_snapshot_metadata=snaps.base.previous,
         )
-    await assert_serves(vllm_deployment, expected)
+    await assert_serves(vllm_manager, vllm_deployment, expected)
     status = await vllm_manager.get_status(vllm_deployment)
     assert status.current_snapshot_identity == snaps.base.identity
 
@@ -260,7 +249,7 @@ async def test_tampered_delta_is_rejected_and_weights_unchanged(
             vllm_deployment, snaps.delta.identity, snapshot_path=tampered,
             incremental_snapshot_metadata=snaps.base.previous,
         )
-    await assert_serves(vllm_deployment, expected)
+    await assert_serves(vllm_manager, vllm_deployment, expected)
 
 
 async def test_paths_outside_the_root_are_rejected(
@@ -272,7 +261,7 @@ async def test_paths_outside_the_root_are_rejected(
     for path in (snaps.outside, snaps.link_out, snaps.outside_relative):
         with pytest.raises(HotloadError, match=r"not inside the snapshot root"):
             await vllm_manager.hotload_and_wait(vllm_deployment, identity, snapshot_path=path)
-    await assert_serves(vllm_deployment, expected)
+    await assert_serves(vllm_manager, vllm_deployment, expected)
 
 
 async def test_wrong_token_is_rejected(

@@ -39,7 +39,7 @@ from asyncrl.rollout.renderers import ImChatRenderer, renderer_for
 from asyncrl.rollout.retry import RetryPolicy
 from asyncrl.rollout.sampler import DeploymentSampler, PromptTooLongError, SampledCompletion
 from asyncrl.rollout.types import StepResult
-from asyncrl.sync.deployment import Deployment
+from asyncrl.sync.deployment import Deployment, DeploymentManager
 
 if not hasattr(conftest, "vllm_deployment"):  # until conftest imports the shared fixtures
     from vllm_fixtures import *  # noqa: F403
@@ -98,23 +98,12 @@ async def sampler(
         yield s
 
 
-async def served_prompt_logprobs(deployment: Deployment, tokens: Sequence[int]) -> list[float]:
-    """The server's logprob of each token of ``tokens`` given the ones before it (index 0: nan)."""
-    body = {
-        "model": deployment.served_model_name,
-        "prompt": list(tokens),
-        "max_tokens": 1,
-        "prompt_logprobs": 0,
-        "temperature": 0.0,
-    }
-    async with httpx.AsyncClient(
-        base_url=deployment.base_url, trust_env=False, timeout=120
-    ) as client:
-        response = await client.post("/v1/completions", json=body)
-    assert response.status_code == 200, response.text
-    entries = response.json()["choices"][0]["prompt_logprobs"]
-    assert len(entries) == len(tokens) and entries[0] is None
-    return [math.nan] + [entries[i][str(t)]["logprob"] for i, t in enumerate(tokens) if i]
+async def served_prompt_logprobs(
+    manager: DeploymentManager, deployment: Deployment, tokens: Sequence[int]
+) -> list[float]:
+    """The server's logprob of each token of ``tokens`` given the ones before it (index 0: nan,
+    so that index i is token i's)."""
+    return [math.nan, *await manager.prompt_logprobs(deployment, tokens)]
 
 
 def assert_well_formed(c: SampledCompletion, prompt: Sequence[int], max_tokens: int) -> None:
@@ -145,6 +134,7 @@ def assert_stops_at_first(c: SampledCompletion, stops: frozenset[int]) -> None:
 @pytest.mark.parametrize(("temperature", "seed"), [(0.0, None), (1.0, 11)])
 async def test_tokens_round_trip_and_logprobs_are_the_served_ones(
     sampler: DeploymentSampler,
+    vllm_manager: DeploymentManager,
     vllm_deployment: Deployment,
     renderer: ImChatRenderer,
     version: dict[str, int],
@@ -159,7 +149,7 @@ async def test_tokens_round_trip_and_logprobs_are_the_served_ones(
     assert c.policy_version == 5 and c.deployment == vllm_deployment.base_url
     assert c.text_valid_utf8
 
-    served = await served_prompt_logprobs(vllm_deployment, c.full_tokens)
+    served = await served_prompt_logprobs(vllm_manager, vllm_deployment, c.full_tokens)
     reference = served[c.prompt_len :]
     diffs = [abs(a - b) for a, b in zip(c.sampling_logprobs, reference, strict=True)]
     assert max(diffs) < LOGPROB_ATOL, (c.sampling_logprobs, reference)
@@ -332,6 +322,7 @@ class RecordingSampler:
 
 async def test_calculator_episode_trajectory_is_consistent(
     sampler: DeploymentSampler,
+    vllm_manager: DeploymentManager,
     vllm_deployment: Deployment,
     renderer: ImChatRenderer,
     version: dict[str, int],
@@ -379,6 +370,6 @@ async def test_calculator_episode_trajectory_is_consistent(
     assert {versions[i] for i in generated} == {10, 11, 12} and traj.oldest_version == 10
 
     # the behaviour logprobs are those of the served policy on the whole multi-turn sequence
-    served = await served_prompt_logprobs(vllm_deployment, traj.tokens)
+    served = await served_prompt_logprobs(vllm_manager, vllm_deployment, traj.tokens)
     diffs = [abs(behaviour[i] - served[i]) for i in generated]
     assert max(diffs) < LOGPROB_ATOL, max(diffs)

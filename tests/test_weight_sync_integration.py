@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import conftest  # tests/conftest.py, as pytest imports it ("prepend" import mode)
-import httpx
 import pytest
 
 from asyncrl.errors import ChecksumError, IdentityMismatchError
@@ -104,23 +103,11 @@ def trainer_logprobs(client: TrainingClient, tensors: dict[str, Any]) -> list[li
     return [lp.tolist() for lp in logprobs]
 
 
-async def served_logprobs(deployment: Deployment) -> list[list[float]]:
+async def served_logprobs(
+    manager: DeploymentManager, deployment: Deployment
+) -> list[list[float]]:
     """``prompt_logprobs`` of each next token of each sequence (one request per sequence)."""
-    out = []
-    async with httpx.AsyncClient(base_url=deployment.base_url, trust_env=False, timeout=60) as http:
-        for seq in SEQUENCES:
-            body = {
-                "model": deployment.served_model_name,
-                "prompt": list(seq),
-                "max_tokens": 1,
-                "prompt_logprobs": 0,
-                "temperature": 1.0,
-            }
-            response = await http.post("/v1/completions", json=body)
-            response.raise_for_status()
-            prompt_logprobs = response.json()["choices"][0]["prompt_logprobs"]
-            out.append([prompt_logprobs[i][str(seq[i])]["logprob"] for i in range(1, len(seq))])
-    return out
+    return [await manager.prompt_logprobs(deployment, seq) for seq in SEQUENCES]
 
 
 def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
@@ -139,7 +126,7 @@ async def assert_serves_trainer_weights(
     tensors = bf16_weights(client)
     status = await manager.get_status(deployment)
     assert status.current_snapshot_identity == identity_of(tensors)
-    served = await served_logprobs(deployment)
+    served = await served_logprobs(manager, deployment)
     expected = trainer_logprobs(client, tensors)
     err, moved = max_abs_diff(served, expected), max_abs_diff(served, before)
     assert err < ATOL, f"served vs trainer: max |diff| {err:.4f} >= {ATOL}"
@@ -177,7 +164,7 @@ async def test_served_logprobs_follow_trained_weights_through_base_and_deltas(
     client: TrainingClient,
     syncer: WeightSyncer,
 ) -> None:
-    served = await served_logprobs(vllm_deployment)
+    served = await served_logprobs(vllm_manager, vllm_deployment)
     losses = []
     for i, expected_kind in enumerate(["base", "delta", "delta", "delta"]):
         losses.append(await train_step(client))
@@ -194,7 +181,7 @@ async def test_rejected_deltas_leave_served_weights_and_syncer_intact(
     client: TrainingClient,
     syncer: WeightSyncer,
 ) -> None:
-    served = await served_logprobs(vllm_deployment)
+    served = await served_logprobs(vllm_manager, vllm_deployment)
     await train_step(client)
     base_name = await syncer.save_and_hotload("base")
     served = await assert_serves_trainer_weights(vllm_manager, vllm_deployment, client, served)
@@ -237,7 +224,7 @@ async def test_rejected_deltas_leave_served_weights_and_syncer_intact(
 
     status = await vllm_manager.get_status(vllm_deployment)
     assert status.current_snapshot_identity == confirmed
-    still = await served_logprobs(vllm_deployment)
+    still = await served_logprobs(vllm_manager, vllm_deployment)
     assert max_abs_diff(still, served) < 1e-6, "a rejected delta changed the served logprobs"
 
     await syncer.save_and_hotload("after-rejections")

@@ -3,6 +3,7 @@
     async with DeploymentManager() as manager:
         deployment = await manager.create_or_get(DeploymentConfig(model_dir=..., snapshot_root=...))
         result = await manager.hotload_and_wait(deployment, identity, snapshot_path=path)
+        served = await manager.prompt_logprobs(deployment, token_ids)  # compare with the trainer
 
 ``create_or_get`` starts ``python -m vllm.entrypoints.openai.api_server`` on a loopback port,
 in its own process group (``start_new_session``), logging to a file, with
@@ -893,6 +894,28 @@ class DeploymentManager:
             except (KeyError, IndexError, TypeError) as exc:
                 raise DeploymentError(f"/v1/models answered {str(models)[:300]}") from exc
         return deployment.served_model_name
+
+    async def prompt_logprobs(self, deployment: Deployment, tokens: Sequence[int]) -> list[float]:
+        """What the deployment serves, as numbers: the logprob of each of ``tokens[1:]`` given
+        the tokens before it (``prompt_logprobs`` at temperature 1). Compare them with the
+        trainer's ``forward`` to check that the served weights are the trained ones."""
+        self._check_open()
+        deployment._check_open()
+        if len(tokens) < 2:
+            raise ConfigError(f"prompt_logprobs needs at least 2 tokens, got {len(tokens)}")
+        body = {
+            "model": await self._model_name(deployment), "prompt": list(tokens),
+            "max_tokens": 1, "prompt_logprobs": 0, "temperature": 1.0,
+        }
+        reply = await self._control(deployment, "POST", "/v1/completions", json=body)
+        try:
+            entries = reply["choices"][0]["prompt_logprobs"]
+            return [float(entries[i][str(token)]["logprob"]) for i, token in enumerate(tokens)
+                    if i]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise DeploymentError(
+                f"{deployment.base_url} answered no prompt_logprobs: {str(reply)[:300]}"
+            ) from exc
 
     async def _probe(self, deployment: Deployment) -> list[float]:
         """A 1-token completion with ``logprobs=0`` (the prompt's forward runs every layer);
