@@ -273,27 +273,12 @@ def encode_naive_delta(
 # torch <-> raw bytes
 
 
-def raw_view(tensor: torch.Tensor) -> RawTensor:
-    """Zero-copy uint8 view of a contiguous CPU tensor (a copy only if it is not)."""
-    dtype = _DTYPE_NAMES.get(tensor.dtype)
-    if dtype is None:
-        raise SnapshotError(f"unsupported tensor dtype {tensor.dtype}; expected one of "
-                            f"{sorted(_DTYPES)}")
-    shape = tuple(tensor.shape)
-    if tensor.numel() == 0:  # torch refuses to re-view empty tensors (stride 0)
-        return RawTensor(dtype, shape, np.empty(0, dtype=np.uint8))
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return RawTensor(dtype, shape, flat.view(torch.uint8).numpy())
-
-
 def from_torch(
     tensors: Mapping[str, torch.Tensor], dtype: str | None = None
 ) -> dict[str, RawTensor]:
     """Own read-only copies of the raw bytes of ``tensors`` (safe to keep while the trainer
     keeps updating its parameters in place), converted to ``dtype`` (a manifest dtype name)
     when given."""
-    if dtype is None:
-        return {name: _owned(raw_view(tensor)) for name, tensor in tensors.items()}
     return {name: _converted(_source(tensor, dtype)) for name, tensor in tensors.items()}
 
 
@@ -519,12 +504,6 @@ def _converted(source: _Source) -> RawTensor:
     return RawTensor(source.dtype, source.shape, data)
 
 
-def _owned(raw: RawTensor) -> RawTensor:
-    data = raw.data.copy()
-    data.flags.writeable = False
-    return RawTensor(raw.dtype, raw.shape, data)
-
-
 def _host_snapshot(raw: Mapping[str, RawTensor], digests: Mapping[str, str]) -> HostSnapshot:
     names = sorted(raw)
     for n in names:
@@ -745,11 +724,6 @@ class _BufferPool:
             if self._idle_bytes + len(buffer) <= self.max_idle_bytes:
                 self._idle.setdefault(len(buffer), []).append(buffer)
                 self._idle_bytes += len(buffer)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._idle.clear()
-            self._idle_bytes = 0
 
 
 # buffers of >= 64 KiB; at most 2 GiB of them kept idle (about one snapshot of a 1B model)
