@@ -340,27 +340,9 @@ def summarize(
     )
 
 
-def run_trainer_kill(
-    workdir: Path,
-    model_dir: Path,
-    *,
-    kills: Sequence[str] = DEFAULT_KILLS,
-    n_rows: int = 12,
-    max_steps: int = 4,
-    seed: int = 0,
-    timeout_s: float = 300.0,
-    **overrides: Any,
-) -> ScenarioResult:
+def run_trainer_kill(workdir: Path, model_dir: Path, **options: Any) -> ScenarioResult:
     """Run the scenario in ``workdir`` (a fresh directory); see the module docstring.
-    Blocking (it waits for subprocesses): from async code, run it in a worker thread."""
-    run = kill_and_rerun(
-        workdir,
-        model_dir,
-        kills=kills,
-        n_rows=n_rows,
-        max_steps=max_steps,
-        seed=seed,
-        timeout_s=timeout_s,
-        **overrides,
-    )
-    return summarize(run)
+    ``options`` are ``kill_and_rerun``'s (kills, n_rows, max_steps, seed, timeout_s, config
+    overrides). Blocking (it waits for subprocesses): from async code, run it in a worker
+    thread."""
+    return summarize(kill_and_rerun(workdir, model_dir, **options))
