@@ -42,6 +42,7 @@ from asyncrl.sync.deployment import (
     process_group_members,
     server_command,
     server_env,
+    with_memory_reuse,
 )
 from asyncrl.sync.worker_extension import (
     ENV_HOTLOAD_TOKEN,
@@ -146,6 +147,25 @@ def test_server_env(tmp_path: Path) -> None:
     package_parent = str(Path(asyncrl.__file__).resolve().parents[1])
     assert env["PYTHONPATH"].split(os.pathsep) == [package_parent, "/x"]
     assert ENV_HOTLOAD_TOKEN not in server_env(config, token=None, base_env=base)
+    tunables = dict(part.split("=") for part in env["GLIBC_TUNABLES"].split(":"))
+    assert tunables["glibc.malloc.mmap_max"] == "0"
+    assert int(tunables["glibc.malloc.trim_threshold"]) >= 1 << 40
+    assert tunables["glibc.malloc.hugetlb"] == "1"
+    plain = server_env(_config(tmp_path, reuse_freed_memory=False), token=None, base_env=base)
+    assert "GLIBC_TUNABLES" not in plain
+
+
+def test_with_memory_reuse_keeps_what_the_user_set() -> None:
+    assert with_memory_reuse("").split(":") == [
+        "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={1 << 40}",
+        "glibc.malloc.hugetlb=1",
+    ]
+    mixed = with_memory_reuse("glibc.malloc.hugetlb=0:glibc.cpu.x86_shstk=off")
+    assert mixed.split(":") == [
+        "glibc.malloc.hugetlb=0", "glibc.cpu.x86_shstk=off", "glibc.malloc.mmap_max=0",
+        f"glibc.malloc.trim_threshold={1 << 40}",
+    ]
+    assert with_memory_reuse(mixed) == mixed  # idempotent
 
 
 # ---------------------------------------------------------------------------------------------

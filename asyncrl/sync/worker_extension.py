@@ -362,7 +362,8 @@ def _refresh_tied_lm_head(worker: Any, reloaded: Any) -> None:
     weights for oneDNN (e.g. AVX512-BF16), that state is a packed copy of the OLD embedding:
     the model then embeds with the new weights and computes logits with the old ones (served
     logprobs off by ~0.5 nats, found by the served-vs-trainer tests). The shared tensor itself
-    was updated in place; re-running the layer's post-load processing re-packs it."""
+    was updated in place; the lm_head takes the kernel the reload just packed for the
+    embedding module, or (other backends) re-runs its own post-load processing."""
     runner = getattr(worker, "model_runner", None)
     if EMBED_TOKENS not in set(reloaded) or runner is None:
         return
@@ -374,6 +375,13 @@ def _refresh_tied_lm_head(worker: Any, reloaded: Any) -> None:
     weight, shared = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
     if weight is None or shared is None or weight.data_ptr() != shared.data_ptr():
         return  # untied: the checkpoint's lm_head.weight was reloaded like any tensor
+    kernel = getattr(embed, "cpu_linear", None)
+    if kernel is not None and hasattr(lm_head, "cpu_linear"):
+        # vLLM-CPU has just packed the same new tensor for the embedding module (which never
+        # uses it): share that kernel instead of packing a second copy (~0.2 s on the 0.5B
+        # shape, and the old lm_head copy is freed)
+        lm_head.cpu_linear = kernel
+        return
     quant_method = getattr(lm_head, "quant_method", None)
     if quant_method is not None:
         quant_method.process_weights_after_loading(lm_head)
