@@ -150,7 +150,6 @@ def test_server_env(tmp_path: Path) -> None:
     tunables = dict(part.split("=") for part in env["GLIBC_TUNABLES"].split(":"))
     assert tunables["glibc.malloc.mmap_max"] == "0"
     assert int(tunables["glibc.malloc.trim_threshold"]) >= 1 << 40
-    assert tunables["glibc.malloc.hugetlb"] == "1"
     plain = server_env(_config(tmp_path, reuse_freed_memory=False), token=None, base_env=base)
     assert "GLIBC_TUNABLES" not in plain
 
@@ -158,11 +157,10 @@ def test_server_env(tmp_path: Path) -> None:
 def test_with_memory_reuse_keeps_what_the_user_set() -> None:
     assert with_memory_reuse("").split(":") == [
         "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={1 << 40}",
-        "glibc.malloc.hugetlb=1",
     ]
-    mixed = with_memory_reuse("glibc.malloc.hugetlb=0:glibc.cpu.x86_shstk=off")
+    mixed = with_memory_reuse("glibc.malloc.mmap_max=4:glibc.cpu.x86_shstk=off")
     assert mixed.split(":") == [
-        "glibc.malloc.hugetlb=0", "glibc.cpu.x86_shstk=off", "glibc.malloc.mmap_max=0",
+        "glibc.malloc.mmap_max=4", "glibc.cpu.x86_shstk=off",
         f"glibc.malloc.trim_threshold={1 << 40}",
     ]
     assert with_memory_reuse(mixed) == mixed  # idempotent

