@@ -221,7 +221,9 @@ def prune_snapshots(root: Path) -> None:
 # deployment helpers
 
 
-def make_config(model_dir: Path, snapshot_root: Path, log_dir: Path, token: str) -> Any:
+def make_config(
+    model_dir: Path, snapshot_root: Path, log_dir: Path, token: str, *, stock_malloc: bool = False
+) -> Any:
     from asyncrl.sync.deployment import DeploymentConfig
 
     return DeploymentConfig(
@@ -235,6 +237,7 @@ def make_config(model_dir: Path, snapshot_root: Path, log_dir: Path, token: str)
         startup_timeout_s=1200.0,
         stop_grace_s=15.0,
         control_timeout_s=120.0,
+        reuse_freed_memory=not stock_malloc,
     )
 
 
@@ -377,7 +380,9 @@ async def run_preset(preset: str, args: argparse.Namespace) -> Run:
         deployment, ready_s = await start_server(
             manager, make_config(model_dir, snapshot_root, logs, token)
         )
-        run.cold.append({"weights": "initial model_dir", "start_to_ready_s": ready_s})
+        run.cold.append(
+            {"weights": "initial model_dir", "baseline": False, "start_to_ready_s": ready_s}
+        )
         await hotload_steps(run, client, manager, deployment, token, args)
         await cold_restart(run, client, manager, deployment, work, token)
     if not args.keep_work:
@@ -446,10 +451,10 @@ async def cold_restart(
     stop_s = time.perf_counter() - t1
     for attempt in range(1, COLD_RESTARTS + 1):
         say(f"[{run.preset}] cold start on the promoted weights ({attempt}/{COLD_RESTARTS})")
-        config = make_config(promoted, work / "snapshots", work / "logs", token)
-        restarted, ready_s = await start_server(
-            manager, config.model_copy(update={"reuse_freed_memory": False})
+        config = make_config(
+            promoted, work / "snapshots", work / "logs", token, stock_malloc=True
         )
+        restarted, ready_s = await start_server(manager, config)
         try:
             fresh = await manager.prompt_logprobs(restarted, PROBE_TOKENS)
         finally:
@@ -459,6 +464,7 @@ async def cold_restart(
         run.cold.append(
             {
                 "weights": "promoted final weights",
+                "baseline": True,
                 "start_to_ready_s": ready_s,
                 **({"export_hf_s": t1 - t0, "stop_s": stop_s} if attempt == 1 else {}),
             }
@@ -508,7 +514,7 @@ def summarize(run: Run, lrs: Sequence[float]) -> dict[str, Any]:
     base0 = run.samples[0]
     bare = [b["reload_s"] for b in run.bare]
     # the baseline: restarts of a plain vLLM (the first start is our configured server)
-    cold = [c["start_to_ready_s"] for c in run.cold if c["weights"] == "promoted final weights"]
+    cold = [c["start_to_ready_s"] for c in run.cold if c["baseline"]]
     return {
         "groups": groups,
         "first_base": asdict(base0),
