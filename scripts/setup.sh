@@ -13,7 +13,7 @@ else
     EXTRA="cpu"
 fi
 STAMP="$VENV/.asyncrl-install-stamp"
-WANT="$EXTRA $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+WANT="$EXTRA $(cat pyproject.toml setup.py asyncrl/sync/_xorkernel.c scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
     exit 0
 fi

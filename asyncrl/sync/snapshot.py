@@ -71,6 +71,11 @@ import zstandard
 
 from asyncrl.errors import ChecksumError, DeltaChainError, IdentityMismatchError, SnapshotError
 
+try:  # the C kernel setup.py builds; without it the numpy path writes the same bytes, slower
+    from asyncrl.sync import _xorkernel
+except ImportError:  # pragma: no cover - depends on the install
+    _xorkernel = None  # type: ignore[assignment]
+
 FORMAT = "asyncrl-snapshot"
 FORMAT_VERSION = 3
 MANIFEST_FILE = "snapshot.json"
@@ -665,19 +670,13 @@ def _encode_tensor(previous: np.ndarray, source: _Source, level: int) -> _Encode
         return _Encoded(None, None, None)
     owned = _BUFFERS.take(previous.nbytes)
     owned_e = owned.view(prev_e.dtype)
-    owned_t = torch.from_numpy(owned).view(_DTYPES[source.dtype][0])  # writable: no warning
-    diff = np.empty(min(n, step), prev_e.dtype)
-    planes = np.empty(diff.nbytes + 1, np.uint8)
-    mask = np.empty(diff.size, np.bool_)
-    compressor = zstandard.ZstdCompressor(level=level)
+    chunk = _fused_chunk_encoder(source, prev_e, owned_e, level) or _ChunkEncoder(
+        source, prev_e, owned, level)
     hasher = xxhash.xxh3_128()
     frames = []
     for start in range(0, n, step):
         stop = min(n, start + step)
-        owned_t[start:stop].copy_(source.flat[start:stop])
-        d = diff[: stop - start]
-        np.bitwise_xor(prev_e[start:stop], owned_e[start:stop], out=d)
-        frames.append(_encode_chunk(d, itemsize, compressor, planes, mask))
+        frames.append(chunk(start, stop))
         hasher.update(_buffer(owned[start * itemsize : stop * itemsize]))
     if not any(frames):
         return _Encoded(None, None, None)
@@ -688,6 +687,63 @@ def _encode_tensor(previous: np.ndarray, source: _Source, level: int) -> _Encode
     return _Encoded(owned, hasher.hexdigest(), blob)
 
 
+class _ChunkEncoder:
+    """The numpy path: ``owned[start:stop] = source``, then the frame of ``previous XOR
+    owned`` over that range (empty when unchanged), with scratch buffers reused across chunks."""
+
+    def __init__(self, source: _Source, prev_e: np.ndarray, owned: np.ndarray, level: int):
+        self.itemsize = prev_e.itemsize
+        self.source, self.prev_e, self.owned_e = source, prev_e, owned.view(prev_e.dtype)
+        self.owned_t = torch.from_numpy(owned).view(_DTYPES[source.dtype][0])  # writable
+        size = min(prev_e.size, _chunk_elements(self.itemsize))
+        self.diff = np.empty(size, prev_e.dtype)
+        self.planes = np.empty(self.diff.nbytes + 1, np.uint8)
+        self.mask = np.empty(size, np.bool_)
+        self.compressor = zstandard.ZstdCompressor(level=level)
+
+    def __call__(self, start: int, stop: int) -> bytes:
+        self.owned_t[start:stop].copy_(self.source.flat[start:stop])
+        diff = self.diff[: stop - start]
+        np.bitwise_xor(self.prev_e[start:stop], self.owned_e[start:stop], out=diff)
+        positions = _changed_positions(diff, self.itemsize, self.mask)
+        if positions is None:
+            return _planes_frame(diff, self.compressor, self.planes)
+        if positions.size == 0:
+            return b""
+        return _sparse_frame(_encode_gaps(positions), diff[positions], self.compressor)
+
+
+def _fused_chunk_encoder(
+    source: _Source, prev_e: np.ndarray, owned_e: np.ndarray, level: int
+) -> Callable[[int, int], bytes] | None:
+    """The C kernel's chunk encoder (same frames as ``_ChunkEncoder``, one pass over memory) for
+    the cases it covers: fp32 -> bf16 and 2-byte copies; None otherwise or without it."""
+    if _xorkernel is None or prev_e.itemsize != 2 or source.flat.device.type != "cpu":
+        return None
+    if source.flat.dtype == torch.float32 and source.dtype == "bfloat16":
+        kernel, flat = _xorkernel.encode_f32_bf16, source.flat.numpy()
+    elif source.flat.dtype.itemsize == 2 and source.flat.dtype == _DTYPES[source.dtype][0]:
+        kernel, flat = _xorkernel.encode_copy16, source.flat.view(torch.int16).numpy()
+    else:
+        return None
+    size = min(prev_e.size, _chunk_elements(2))
+    cap = int(SPARSE_MAX_DENSITY * size)  # more changed: byte planes, like _changed_positions
+    gaps = np.empty(cap + _xorkernel.SLACK, np.uint32)
+    values = np.empty(cap + _xorkernel.SLACK, prev_e.dtype)
+    compressor = zstandard.ZstdCompressor(level=level)
+
+    def encode(start: int, stop: int) -> bytes:
+        chunk_cap = int(SPARSE_MAX_DENSITY * (stop - start))
+        changed = kernel(flat[start:stop], prev_e[start:stop], owned_e[start:stop],
+                         gaps, values, chunk_cap)
+        if changed < 0:
+            diff = np.bitwise_xor(prev_e[start:stop], owned_e[start:stop])
+            return _planes_frame(diff, compressor, np.empty(diff.nbytes + 1, np.uint8))
+        if changed == 0:
+            return b""
+        return _sparse_frame(_narrow_gaps(gaps[:changed]), values[:changed], compressor)
+
+    return encode
 class _BufferPool:
     """Large byte buffers handed out as numpy arrays and taken back when the array (and every
     view of it) is garbage: a snapshot's bytes then reuse the memory of one that was dropped
@@ -734,27 +790,25 @@ def _chunk_elements(itemsize: int) -> int:
     return max(1, CHUNK_BYTES // itemsize)
 
 
-def _encode_chunk(
-    diff: np.ndarray,
-    itemsize: int,
-    compressor: zstandard.ZstdCompressor,
-    scratch: np.ndarray,
-    mask: np.ndarray,
+def _planes_frame(
+    diff: np.ndarray, compressor: zstandard.ZstdCompressor, scratch: np.ndarray
 ) -> bytes:
-    """One chunk's zstd frame (empty when the chunk is unchanged)."""
-    positions = _changed_positions(diff, itemsize, mask)
-    if positions is None:
-        content = scratch[: diff.nbytes + 1]
-        content[0] = _FILTER_PLANES
-        shuffle_bytes(diff.view(np.uint8), itemsize, out=content[1:])
-        return compressor.compress(_buffer(content))
-    if positions.size == 0:
-        return b""
-    gaps = _encode_gaps(positions)
-    values = shuffle_bytes(diff[positions].view(np.uint8), itemsize)
-    head = _SPARSE_HEADER.pack(_FILTER_SPARSE, positions.size, gaps.itemsize)
+    """A chunk stored whole as byte planes (more than ``SPARSE_MAX_DENSITY`` changed)."""
+    content = scratch[: diff.nbytes + 1]
+    content[0] = _FILTER_PLANES
+    shuffle_bytes(diff.view(np.uint8), diff.itemsize, out=content[1:])
+    return compressor.compress(_buffer(content))
+
+
+def _sparse_frame(
+    gaps: np.ndarray, values: np.ndarray, compressor: zstandard.ZstdCompressor
+) -> bytes:
+    """A chunk stored as the gaps before its changed elements and their diffs."""
+    head = _SPARSE_HEADER.pack(_FILTER_SPARSE, values.size, gaps.itemsize)
     return compressor.compress(b"".join([
-        head, _buffer(shuffle_bytes(gaps.view(np.uint8), gaps.itemsize)), _buffer(values)
+        head,
+        _buffer(shuffle_bytes(gaps.view(np.uint8), gaps.itemsize)),
+        _buffer(shuffle_bytes(values.view(np.uint8), values.itemsize)),
     ]))
 
 
@@ -798,6 +852,10 @@ def _encode_gaps(positions: np.ndarray) -> np.ndarray:
     width (1, 2 or 4 bytes) that holds the largest gap."""
     gaps = np.diff(positions, prepend=-1)
     gaps -= 1
+    return _narrow_gaps(gaps)
+
+
+def _narrow_gaps(gaps: np.ndarray) -> np.ndarray:
     largest = int(gaps.max()) if gaps.size else 0
     width = next(w for w in _GAP_WIDTHS if largest < 1 << (8 * w))
     return gaps.astype(_UINTS[width])
@@ -897,9 +955,14 @@ def _xor_chunk(
         raise ChecksumError(f"delta chunk: {changed} changed elements with {width}-byte gaps "
                             f"do not fill its {content.nbytes} bytes")
     gaps = unshuffle_bytes(content[_SPARSE_HEADER.size : values_at], width)
-    positions = _decode_gaps(gaps.view(_UINTS[width]), target.size)
     values = unshuffle_bytes(content[values_at:], itemsize).view(target.dtype)
-    target[positions] ^= values
+    if _xorkernel is not None and itemsize == 2:
+        try:
+            _xorkernel.xor_scatter16(target, gaps, width, values)
+        except ValueError as exc:
+            raise ChecksumError(f"delta chunk: {exc}") from exc
+        return
+    target[_decode_gaps(gaps.view(_UINTS[width]), target.size)] ^= values
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,397 @@
+/* Fused inner loops of the delta codec in snapshot.py, for 2-byte elements (bf16 / fp16).
+ *
+ * The numpy path makes 5-7 passes over every 4 MiB chunk (convert, XOR, compare, find the
+ * changed words, find the changed elements inside them, gather); here one pass converts (or
+ * copies) the chunk into the snapshot's bytes, XORs it with the previous bytes and writes the
+ * gaps + values of the changed elements, and one pass applies them. The output is exactly what
+ * the numpy path produces (tests/test_snapshot_kernel.py compares them), so a machine without
+ * a C compiler reads and writes the same snapshots, only slower.
+ *
+ *   encode_f32_bf16(src, prev, owned, gaps, values, cap, portable=False) -> changed, or -1
+ *   encode_copy16(src, prev, owned, gaps, values, cap, portable=False)   -> changed, or -1
+ *       owned[i] = bf16(src[i]) (or src[i]); d = prev[i] ^ owned[i]; for each d != 0, in order:
+ *       gaps[k] = unchanged elements since the last changed one, values[k] = d. More than ``cap``
+ *       changed: -1 (owned is still written whole; gaps/values then hold garbage). gaps and
+ *       values must hold cap + SLACK entries (whole vectors are stored). bf16 rounding is
+ *       round-to-nearest-even and a NaN becomes 0xFFFF, as torch converts on the CPU.
+ *       ``portable`` forces the portable loop where the AVX-512 one would run (``SIMD`` names
+ *       the default).
+ *   xor_scatter16(target, gaps, width, values) -> None
+ *       the inverse: target[pos_k] ^= values[k]; gaps are ``width``-byte unsigned integers.
+ *       ValueError (target untouched) when a position falls past the end of target.
+ *
+ * Buffers are anything with the buffer protocol (numpy arrays); the GIL is released while a
+ * loop runs, so the encoder's threads (one per core) run in parallel.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#define BLOCK 16 /* elements per step: one 16-bit mask of changed elements */
+
+static inline uint16_t bf16_of(uint32_t bits)
+{
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {
+        return 0xFFFF; /* NaN, as torch converts it on the CPU */
+    }
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* Convert (or copy) one block into owned[0..BLOCK) and return the mask of elements that differ
+ * from prev; diff receives prev ^ owned. */
+static inline uint32_t block_f32_bf16(const uint32_t *src, const uint16_t *prev, uint16_t *owned,
+                                      uint16_t *diff)
+{
+#if defined(__SSE2__)
+    const __m128i bias = _mm_set1_epi32(0x7FFF), one = _mm_set1_epi32(1);
+    const __m128i nan_bits = _mm_set1_epi32(0xFFFF);
+    __m128i half[2];
+    for (int h = 0; h < 2; h++) {
+        __m128i parts[2];
+        for (int q = 0; q < 2; q++) {
+            __m128i x = _mm_loadu_si128((const __m128i *)(src + 8 * h + 4 * q));
+            __m128i lsb = _mm_and_si128(_mm_srli_epi32(x, 16), one);
+            __m128i r = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(x, bias), lsb), 16);
+            __m128 f = _mm_castsi128_ps(x);
+            __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(f, f));
+            r = _mm_or_si128(_mm_and_si128(nan, nan_bits), _mm_andnot_si128(nan, r));
+            /* sign-extend the low 16 bits so the signed saturating pack keeps them exactly */
+            parts[q] = _mm_srai_epi32(_mm_slli_epi32(r, 16), 16);
+        }
+        half[h] = _mm_packs_epi32(parts[0], parts[1]);
+    }
+    const __m128i zero = _mm_setzero_si128();
+    __m128i d0 = _mm_xor_si128(half[0], _mm_loadu_si128((const __m128i *)prev));
+    __m128i d1 = _mm_xor_si128(half[1], _mm_loadu_si128((const __m128i *)(prev + 8)));
+    _mm_storeu_si128((__m128i *)owned, half[0]);
+    _mm_storeu_si128((__m128i *)(owned + 8), half[1]);
+    _mm_storeu_si128((__m128i *)diff, d0);
+    _mm_storeu_si128((__m128i *)(diff + 8), d1);
+    __m128i same = _mm_packs_epi16(_mm_cmpeq_epi16(d0, zero), _mm_cmpeq_epi16(d1, zero));
+    return (~(uint32_t)_mm_movemask_epi8(same)) & 0xFFFFu;
+#else
+    uint32_t mask = 0;
+    for (int j = 0; j < BLOCK; j++) {
+        owned[j] = bf16_of(src[j]);
+        diff[j] = (uint16_t)(owned[j] ^ prev[j]);
+        mask |= (uint32_t)(diff[j] != 0) << j;
+    }
+    return mask;
+#endif
+}
+
+static inline uint32_t block_copy16(const uint16_t *src, const uint16_t *prev, uint16_t *owned,
+                                    uint16_t *diff)
+{
+#if defined(__SSE2__)
+    const __m128i zero = _mm_setzero_si128();
+    __m128i a0 = _mm_loadu_si128((const __m128i *)src);
+    __m128i a1 = _mm_loadu_si128((const __m128i *)(src + 8));
+    __m128i d0 = _mm_xor_si128(a0, _mm_loadu_si128((const __m128i *)prev));
+    __m128i d1 = _mm_xor_si128(a1, _mm_loadu_si128((const __m128i *)(prev + 8)));
+    _mm_storeu_si128((__m128i *)owned, a0);
+    _mm_storeu_si128((__m128i *)(owned + 8), a1);
+    _mm_storeu_si128((__m128i *)diff, d0);
+    _mm_storeu_si128((__m128i *)(diff + 8), d1);
+    __m128i same = _mm_packs_epi16(_mm_cmpeq_epi16(d0, zero), _mm_cmpeq_epi16(d1, zero));
+    return (~(uint32_t)_mm_movemask_epi8(same)) & 0xFFFFu;
+#else
+    uint32_t mask = 0;
+    for (int j = 0; j < BLOCK; j++) {
+        owned[j] = src[j];
+        diff[j] = (uint16_t)(owned[j] ^ prev[j]);
+        mask |= (uint32_t)(diff[j] != 0) << j;
+    }
+    return mask;
+#endif
+}
+
+/* Each encoder writes the POSITIONS of the changed elements into `gaps` (turned into gaps at
+ * the end, see to_gaps) and their diffs into `values`, and returns how many, or -1 once more
+ * than `cap` changed. Both may store up to SLACK entries past `cap` (whole vectors). */
+#define SLACK 64
+#define GROUP 64
+
+static void to_gaps(uint32_t *gaps, Py_ssize_t count)
+{
+    for (Py_ssize_t k = count - 1; k > 0; k--) {
+        gaps[k] = gaps[k] - gaps[k - 1] - 1;
+    }
+}
+
+/* The portable loop (SSE2 on x86-64, plain C elsewhere). Masks of GROUP elements are gathered
+ * before any is emitted: at a few % changed nearly every group has one, so the branch "anything
+ * changed here?" is predictable, which it is not per block of 16 (half of them changed). */
+static Py_ssize_t encode_portable(const void *src, int f32, const uint16_t *prev, uint16_t *owned,
+                                  Py_ssize_t n, uint32_t *pos, uint16_t *values, Py_ssize_t cap)
+{
+    Py_ssize_t count = 0;
+    uint16_t diff[GROUP];
+    for (Py_ssize_t i = 0; i < n; i += GROUP) {
+        uint64_t mask = 0;
+        if (i + GROUP <= n) {
+            for (int b = 0; b < GROUP; b += BLOCK) {
+                uint64_t m = f32 ? block_f32_bf16((const uint32_t *)src + i + b, prev + i + b,
+                                                  owned + i + b, diff + b)
+                                 : block_copy16((const uint16_t *)src + i + b, prev + i + b,
+                                                owned + i + b, diff + b);
+                mask |= m << b;
+            }
+        } else { /* the tail, one element at a time */
+            for (Py_ssize_t j = 0; i + j < n; j++) {
+                owned[i + j] = f32 ? bf16_of(((const uint32_t *)src)[i + j])
+                                   : ((const uint16_t *)src)[i + j];
+                diff[j] = (uint16_t)(owned[i + j] ^ prev[i + j]);
+                mask |= (uint64_t)(diff[j] != 0) << j;
+            }
+        }
+        if (count > cap) {
+            continue; /* dense: only convert the rest */
+        }
+        while (mask) {
+            int j = __builtin_ctzll(mask);
+            pos[count] = (uint32_t)(i + j);
+            values[count++] = diff[j];
+            mask &= mask - 1;
+        }
+    }
+    return count > cap ? -1 : count;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX512_PATH 1
+
+/* AVX-512 (F, BW, VBMI2): 32 elements per step, the changed ones stored with vpcompress, no
+ * data-dependent branch. ~3.5x the portable loop (0.55 vs 1.8 ms per 4 MiB chunk, Zen 4). */
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) static Py_ssize_t
+encode_avx512(const void *src, int f32, const uint16_t *prev, uint16_t *owned, Py_ssize_t n,
+              uint32_t *pos, uint16_t *values, Py_ssize_t cap)
+{
+    const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    const __m512i nan_bits = _mm512_set1_epi32(0xFFFF), sixteen = _mm512_set1_epi32(16);
+    const __m512i thirty_two = _mm512_set1_epi32(32);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    Py_ssize_t count = 0, i = 0;
+    for (; i + 32 <= n; i += 32, idx = _mm512_add_epi32(idx, thirty_two)) {
+        __m512i o;
+        if (f32) {
+            __m256i half[2];
+            for (int q = 0; q < 2; q++) {
+                __m512i x = _mm512_loadu_si512((const uint32_t *)src + i + 16 * q);
+                __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), one);
+                __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, bias), lsb), 16);
+                __m512 f = _mm512_castsi512_ps(x);
+                r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), nan_bits);
+                half[q] = _mm512_cvtepi32_epi16(r);
+            }
+            o = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
+        } else {
+            o = _mm512_loadu_si512((const uint16_t *)src + i);
+        }
+        _mm512_storeu_si512(owned + i, o);
+        __m512i d = _mm512_xor_si512(o, _mm512_loadu_si512(prev + i));
+        __mmask32 k = _mm512_test_epi16_mask(d, d);
+        if (count > cap) {
+            continue; /* dense: only convert the rest */
+        }
+        __mmask16 lo = (__mmask16)k, hi = (__mmask16)(k >> 16);
+        _mm512_storeu_si512(values + count, _mm512_maskz_compress_epi16(k, d));
+        _mm512_storeu_si512(pos + count, _mm512_maskz_compress_epi32(lo, idx));
+        count += _mm_popcnt_u32(lo);
+        _mm512_storeu_si512(pos + count,
+                            _mm512_maskz_compress_epi32(hi, _mm512_add_epi32(idx, sixteen)));
+        count += _mm_popcnt_u32(hi);
+    }
+    for (; i < n; i++) { /* the tail */
+        owned[i] = f32 ? bf16_of(((const uint32_t *)src)[i]) : ((const uint16_t *)src)[i];
+        uint16_t d = (uint16_t)(owned[i] ^ prev[i]);
+        if (d && count <= cap) {
+            pos[count] = (uint32_t)i;
+            values[count++] = d;
+        }
+    }
+    return count > cap ? -1 : count;
+}
+
+static int avx512_usable(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt");
+}
+#else
+#define HAVE_AVX512_PATH 0
+static int avx512_usable(void) { return 0; }
+#endif
+
+static int use_avx512; /* set once at import */
+
+static Py_ssize_t encode16(const void *src, int f32, const uint16_t *prev, uint16_t *owned,
+                           Py_ssize_t n, uint32_t *gaps, uint16_t *values, Py_ssize_t cap,
+                           int portable)
+{
+    Py_ssize_t count;
+#if HAVE_AVX512_PATH
+    if (use_avx512 && !portable) {
+        count = encode_avx512(src, f32, prev, owned, n, gaps, values, cap);
+    } else
+#endif
+    {
+        (void)portable;
+        count = encode_portable(src, f32, prev, owned, n, gaps, values, cap);
+    }
+    if (count > 0) {
+        to_gaps(gaps, count);
+    }
+    return count;
+}
+
+/* ---- Python bindings ---------------------------------------------------------------------- */
+
+static int check_size(const Py_buffer *b, Py_ssize_t elements, Py_ssize_t itemsize,
+                      const char *what)
+{
+    if (b->len < elements * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, needs %zd", what, b->len,
+                     elements * itemsize);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *encode_common(PyObject *args, int f32)
+{
+    Py_buffer src, prev, owned, gaps, values;
+    Py_ssize_t cap, changed = 0;
+    int portable = 0;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*w*n|p", &src, &prev, &owned, &gaps, &values, &cap,
+                          &portable)) {
+        return NULL;
+    }
+    Py_ssize_t n = prev.len / 2;
+    int ok = prev.len % 2 == 0 && cap >= 0 && check_size(&src, n, f32 ? 4 : 2, "src") &&
+             check_size(&owned, n, 2, "owned") && check_size(&gaps, cap + SLACK, 4, "gaps") &&
+             check_size(&values, cap + SLACK, 2, "values");
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        changed = encode16(src.buf, f32, prev.buf, owned.buf, n, gaps.buf, values.buf, cap,
+                           portable);
+        Py_END_ALLOW_THREADS
+    } else if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "prev must hold whole 2-byte elements, cap >= 0");
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&prev);
+    PyBuffer_Release(&owned);
+    PyBuffer_Release(&gaps);
+    PyBuffer_Release(&values);
+    return ok ? PyLong_FromSsize_t(changed) : NULL;
+}
+
+static PyObject *encode_f32_bf16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return encode_common(args, 1);
+}
+
+static PyObject *encode_copy16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return encode_common(args, 0);
+}
+
+static inline uint32_t gap_at(const uint8_t *gaps, int width, Py_ssize_t k)
+{
+    switch (width) {
+    case 1:
+        return gaps[k];
+    case 2: {
+        uint16_t v;
+        memcpy(&v, gaps + 2 * k, 2);
+        return v;
+    }
+    default: {
+        uint32_t v;
+        memcpy(&v, gaps + 4 * k, 4);
+        return v;
+    }
+    }
+}
+
+static PyObject *xor_scatter16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer target, gaps, values;
+    int width;
+    if (!PyArg_ParseTuple(args, "w*y*iy*", &target, &gaps, &width, &values)) {
+        return NULL;
+    }
+    Py_ssize_t n = target.len / 2, count = values.len / 2, end = -1;
+    int ok = (width == 1 || width == 2 || width == 4) && values.len % 2 == 0 &&
+             gaps.len == count * width;
+    if (ok) {
+        const uint8_t *g = gaps.buf;
+        const uint16_t *v = values.buf;
+        uint16_t *t = target.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t k = 0; k < count; k++) { /* checked whole before target is written */
+            end += (Py_ssize_t)gap_at(g, width, k) + 1;
+        }
+        if (end < n) {
+            Py_ssize_t pos = -1;
+            for (Py_ssize_t k = 0; k < count; k++) {
+                pos += (Py_ssize_t)gap_at(g, width, k) + 1;
+                t[pos] ^= v[k];
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&target);
+    PyBuffer_Release(&gaps);
+    PyBuffer_Release(&values);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "gaps and values do not match (width 1, 2 or 4)");
+        return NULL;
+    }
+    if (end >= n) {
+        PyErr_Format(PyExc_ValueError, "position %zd past the %zd elements", end, n);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"encode_f32_bf16", encode_f32_bf16, METH_VARARGS,
+     "encode_f32_bf16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
+    {"encode_copy16", encode_copy16, METH_VARARGS,
+     "encode_copy16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
+    {"xor_scatter16", xor_scatter16, METH_VARARGS,
+     "xor_scatter16(target, gaps, width, values): target[positions] ^= values"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_xorkernel", "Fused delta codec loops (see snapshot.py).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__xorkernel(void)
+{
+    use_avx512 = avx512_usable();
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "SLACK", SLACK) < 0 ||
+        PyModule_AddStringConstant(m, "SIMD", use_avx512 ? "avx512" : "portable") < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,176 @@
+"""The C kernel of the delta codec (``asyncrl/sync/_xorkernel.c``) against the numpy path: the
+same owned bytes, checksums and blobs, byte for byte; its AVX-512 and portable loops agree; a
+malformed chunk is rejected before the target is touched."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from asyncrl.errors import ChecksumError
+from asyncrl.sync import snapshot as snap
+
+if snap._xorkernel is None:
+    if os.environ.get("ASYNCRL_REQUIRE_KERNEL") == "1":  # scripts/test.sh: the build must work
+        pytest.fail("asyncrl.sync._xorkernel is not built (setup.py needs a C compiler)",
+                    pytrace=False)
+    pytest.skip("the C kernel is not built here", allow_module_level=True)
+
+kernel = snap._xorkernel
+assert kernel is not None
+
+
+def specials() -> torch.Tensor:
+    """fp32 values whose bf16 rounding is easy to get wrong: ties (to even, both ways), values
+    rounding up into the exponent / to infinity, infinities, signed zeros, denormals, NaNs."""
+    bits = [0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F807FFF, 0x7F7FFFFF, 0x7F7F8000, 0xFF7FFFFF,
+            0x7F800000, 0xFF800000, 0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x00008000,
+            0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF]
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def masters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 weights before / after a small step (a few % of their bf16 values change)."""
+    g = torch.Generator().manual_seed(seed)
+    before = torch.randn(n, generator=g) * 0.02
+    after = before + 1e-6 * torch.sign(torch.randn(n, generator=g))
+    k = min(n, specials().numel())
+    before[:k], after[:k] = specials()[:k], specials().flip(0)[:k]
+    return before, after
+
+
+def encode_both(
+    monkeypatch: pytest.MonkeyPatch, previous: np.ndarray, source: snap._Source
+) -> tuple[snap._Encoded, snap._Encoded]:
+    fused = snap._encode_tensor(previous, source, snap.DEFAULT_ZSTD_LEVEL)
+    with monkeypatch.context() as m:
+        m.setattr(snap, "_xorkernel", None)
+        plain = snap._encode_tensor(previous, source, snap.DEFAULT_ZSTD_LEVEL)
+    return fused, plain
+
+
+@pytest.mark.parametrize("n", [1, 31, 64, 4099, 70_001])
+@pytest.mark.parametrize("step", ["small", "dense", "none", "dense-then-small"])
+def test_fp32_to_bf16_blobs_equal_the_numpy_path(
+    monkeypatch: pytest.MonkeyPatch, n: int, step: str
+) -> None:
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 8192)  # several chunks, a partial last one
+    before, after = masters(n, seed=n)
+    if step == "dense":
+        after = torch.randn(n) * 0.02
+    elif step == "none":
+        after = before.clone()
+    elif step == "dense-then-small":
+        after[: n // 2] = torch.randn(n // 2)
+    previous = before.bfloat16().view(torch.uint8).numpy().copy()
+    fused, plain = encode_both(monkeypatch, previous, snap._source(after, "bfloat16"))
+    assert fused.blob == plain.blob and fused.checksum == plain.checksum
+    if step == "none":
+        assert fused.blob is None and fused.raw is None
+        return
+    assert fused.raw is not None and plain.raw is not None
+    assert np.array_equal(fused.raw, plain.raw)
+    assert fused.blob is not None
+    out, digest = snap._decode_tensor(fused.blob, previous, 2)
+    assert np.array_equal(out, fused.raw) and digest == fused.checksum
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_two_byte_copies_equal_the_numpy_path(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 4096)
+    before, after = masters(10_007, seed=3)
+    previous = before.to(dtype).view(torch.uint8).numpy().copy()
+    fused, plain = encode_both(monkeypatch, previous, snap._source(after.to(dtype), None))
+    assert fused.blob is not None and fused.blob == plain.blob
+    assert fused.checksum == plain.checksum == snap.checksum(after.to(dtype).view(torch.uint8)
+                                                              .numpy())
+
+
+def test_nan_becomes_what_torch_makes_of_it() -> None:
+    src = torch.tensor([float("nan"), -float("nan"), 1.0] * 11)
+    src[4] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # signalling NaN
+    prev, owned = np.zeros(33, np.uint16), np.empty(33, np.uint16)
+    gaps, values = np.empty(33 + kernel.SLACK, np.uint32), np.empty(33 + kernel.SLACK, np.uint16)
+    for portable in (False, True):
+        assert kernel.encode_f32_bf16(src.numpy(), prev, owned, gaps, values, 33, portable) == 33
+        want = src.bfloat16().view(torch.int16).numpy().view(np.uint16)
+        assert np.array_equal(owned, want) and (owned[torch.isnan(src).numpy()] == 0xFFFF).all()
+
+
+@pytest.mark.parametrize("density", [0.0, 0.04, 0.5, 0.51, 1.0])
+def test_vector_and_portable_loops_agree(density: float) -> None:
+    rng = np.random.default_rng(7)
+    n = 10_000 + 37
+    src = rng.standard_normal(n).astype(np.float32)
+    owned_ref = torch.from_numpy(src).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    prev = owned_ref.copy()
+    hit = rng.random(n) < density
+    prev[hit] ^= rng.integers(1, 1 << 16, int(hit.sum()), dtype=np.uint16)
+    cap = n // 2
+    results = []
+    for portable in (False, True):
+        owned = np.empty(n, np.uint16)
+        gaps = np.empty(cap + kernel.SLACK, np.uint32)
+        values = np.empty(cap + kernel.SLACK, np.uint16)
+        changed = kernel.encode_f32_bf16(src, prev, owned, gaps, values, cap, portable)
+        assert np.array_equal(owned, owned_ref)
+        positions = np.flatnonzero(hit)
+        if positions.size > cap:
+            assert changed == -1
+            results.append(None)
+            continue
+        assert changed == positions.size
+        assert np.array_equal(gaps[:changed], np.diff(positions, prepend=-1) - 1)
+        assert np.array_equal(values[:changed], (prev ^ owned_ref)[positions])
+        results.append((gaps[:changed].copy(), values[:changed].copy()))
+    first, second = results
+    assert (first is None) == (second is None)
+    if first is not None and second is not None:
+        assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_buffers_too_small_are_rejected() -> None:
+    src, prev = np.zeros(100, np.float32), np.zeros(100, np.uint16)
+    owned, values = np.empty(100, np.uint16), np.empty(50 + kernel.SLACK, np.uint16)
+    with pytest.raises(ValueError, match="gaps"):
+        kernel.encode_f32_bf16(src, prev, owned, np.empty(50, np.uint32), values, 50)
+    with pytest.raises(ValueError, match="src"):
+        kernel.encode_f32_bf16(src[:99], prev, owned, np.empty(114, np.uint32), values, 50)
+    with pytest.raises(ValueError, match="width"):
+        kernel.xor_scatter16(owned, np.zeros(2, np.uint8), 3, np.zeros(2, np.uint16))
+    with pytest.raises(TypeError):
+        kernel.xor_scatter16(prev.copy().data.toreadonly(), np.zeros(1, np.uint8), 1,
+                             np.zeros(1, np.uint16))
+
+
+def test_scatter_past_the_end_leaves_the_target_untouched() -> None:
+    target = np.arange(10, dtype=np.uint16)
+    gaps = np.array([1, 2, 7], np.uint8)  # positions 1, 4, 12: the last is past the end
+    with pytest.raises(ValueError, match="past"):
+        kernel.xor_scatter16(target, gaps, 1, np.array([5, 6, 7], np.uint16))
+    assert np.array_equal(target, np.arange(10, dtype=np.uint16))
+    kernel.xor_scatter16(target, np.array([1, 2], np.uint16), 2, np.array([5, 6], np.uint16))
+    expected = np.arange(10, dtype=np.uint16)
+    expected[[1, 4]] ^= np.array([5, 6], np.uint16)
+    assert np.array_equal(target, expected)
+
+
+def test_a_corrupt_sparse_chunk_raises_checksum_error_through_the_decoder() -> None:
+    prev = np.zeros(2 * 1000, np.uint8)
+    cur = prev.copy()
+    cur[2 * 999] = 1  # the only change is the last element
+    enc = snap._encode_tensor(prev, snap._raw_source(cur, 2), snap.DEFAULT_ZSTD_LEVEL)
+    assert enc.blob is not None
+    short = prev[: 2 * 998].copy()  # a tensor too short for the chunk's position
+    frames = snap._blob_frames(memoryview(enc.blob), 1000, 2)
+    scratch = np.empty(2000, np.uint8)
+    with pytest.raises(ChecksumError, match="past"):
+        snap._xor_chunk(frames[0][2], short.view(np.uint16), 2, zstandard.ZstdDecompressor(),
+                        scratch)
+    assert not short.any()
