@@ -92,23 +92,28 @@ def test_two_byte_copies_equal_the_numpy_path(
                                                               .numpy())
 
 
-def test_nan_becomes_what_torch_makes_of_it() -> None:
-    src = torch.tensor([float("nan"), -float("nan"), 1.0] * 11)
+def test_nan_and_edge_values_convert_as_torch_does_in_both_loops() -> None:
+    n = 3 * 43  # whole vectors / groups of 64 and a tail, for both loops
+    src = torch.tensor([float("nan"), -float("nan"), 1.0] * 43)
     src[4] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # signalling NaN
-    prev, owned = np.zeros(33, np.uint16), np.empty(33, np.uint16)
-    gaps, values = np.empty(33 + kernel.SLACK, np.uint32), np.empty(33 + kernel.SLACK, np.uint16)
+    src[64:64 + specials().numel()] = specials()
+    want = src.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    prev, owned = np.zeros(n, np.uint16), np.empty(n, np.uint16)
+    gaps, values = np.empty(n + kernel.SLACK, np.uint32), np.empty(n + kernel.SLACK, np.uint16)
     for portable in (False, True):
-        assert kernel.encode_f32_bf16(src.numpy(), prev, owned, gaps, values, 33, portable) == 33
-        want = src.bfloat16().view(torch.int16).numpy().view(np.uint16)
+        changed = kernel.encode_f32_bf16(src.numpy(), prev, owned, gaps, values, n, portable)
+        assert changed == np.count_nonzero(want)
         assert np.array_equal(owned, want) and (owned[torch.isnan(src).numpy()] == 0xFFFF).all()
 
 
 @pytest.mark.parametrize("density", [0.0, 0.04, 0.5, 0.51, 1.0])
-def test_vector_and_portable_loops_agree(density: float) -> None:
+@pytest.mark.parametrize("convert", [True, False])
+def test_vector_and_portable_loops_agree(density: float, convert: bool) -> None:
     rng = np.random.default_rng(7)
     n = 10_000 + 37
-    src = rng.standard_normal(n).astype(np.float32)
-    owned_ref = torch.from_numpy(src).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    fp32 = rng.standard_normal(n).astype(np.float32)
+    owned_ref = torch.from_numpy(fp32).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    src, encode = (fp32, kernel.encode_f32_bf16) if convert else (owned_ref, kernel.encode_copy16)
     prev = owned_ref.copy()
     hit = rng.random(n) < density
     prev[hit] ^= rng.integers(1, 1 << 16, int(hit.sum()), dtype=np.uint16)
@@ -118,7 +123,7 @@ def test_vector_and_portable_loops_agree(density: float) -> None:
         owned = np.empty(n, np.uint16)
         gaps = np.empty(cap + kernel.SLACK, np.uint32)
         values = np.empty(cap + kernel.SLACK, np.uint16)
-        changed = kernel.encode_f32_bf16(src, prev, owned, gaps, values, cap, portable)
+        changed = encode(src, prev, owned, gaps, values, cap, portable)
         assert np.array_equal(owned, owned_ref)
         positions = np.flatnonzero(hit)
         if positions.size > cap:

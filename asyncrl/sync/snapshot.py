@@ -23,6 +23,13 @@ Chunks are 4 MiB: the encoder and decoder run one thread per core over the tenso
 1 MiB chunks the many small numpy calls per chunk serialised the threads on the GIL (two
 threads encoded no faster than one); 4 MiB chunks still fit the L3 cache.
 
+The hot loops have two implementations that write the same bytes (tests compare them): a small
+C kernel (``_xorkernel.c``, built by setup.py when a compiler is there) converts fp32 -> bf16,
+XORs and collects the gaps + values of a 2-byte chunk in one pass over memory (AVX-512 where the
+CPU has it), and applies them in one pass; the numpy path below covers every dtype, needs 5-7
+passes per chunk and is used for what the kernel does not cover or when it is not built.
+0.5B shape on 2 cores: a delta's encode 1.0 -> 0.3 s, its decode 0.43 -> 0.2 s.
+
 Checksums are XXH3-128; the encoder hashes each tensor's bytes as it converts them and the
 decoder as it writes them, so verification costs no extra pass over memory. They are there to
 catch corruption and mix-ups (truncated / flipped / swapped files, a delta on the wrong
