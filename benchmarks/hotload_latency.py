@@ -74,6 +74,9 @@ TARGETS_TEXT = {
     "delta_vs_bare": "delta hotload e2e <= 2.0 x bare reload_weights",
     "delta_vs_cold": "delta hotload e2e <= 0.05 x vLLM cold restart",
 }
+# the issue sets "delta hotload <= 0.5 x base hotload" on the 0.5B shape only
+DELTA_VS_BASE_PRESET = "qwen2-0.5b-shape"
+
 PHASES = (
     "save_s",
     "encode_s",
@@ -532,7 +535,13 @@ def targets(run: Run, summary: dict[str, Any], lrs: Sequence[float]) -> list[dic
     rows: list[dict[str, Any]] = []
 
     def add(
-        key: str, scope: str, value: float, limit: float, no_probe: float | None = None
+        key: str,
+        scope: str,
+        value: float,
+        limit: float,
+        no_probe: float | None = None,
+        *,
+        applies: bool = True,
     ) -> None:
         rows.append(
             {
@@ -540,7 +549,8 @@ def targets(run: Run, summary: dict[str, Any], lrs: Sequence[float]) -> list[dic
                 "scope": scope,
                 "value": value,
                 "limit": limit,
-                "pass": bool(value <= limit),
+                # None: printed for comparison, not a target for this preset
+                "pass": bool(value <= limit) if applies else None,
                 "value_without_probe": no_probe,
             }
         )
@@ -560,6 +570,7 @@ def targets(run: Run, summary: dict[str, Any], lrs: Sequence[float]) -> list[dic
             e2e / base["e2e_s"]["p50"],
             0.5,
             e2e_np / base["e2e_no_probe_s"]["p50"],
+            applies=run.preset == DELTA_VS_BASE_PRESET,
         )
         add("delta_vs_bare", scope, e2e / bare, 2.0, e2e_np / bare)
         add("delta_vs_cold", scope, e2e / cold, 0.05, e2e_np / cold)
@@ -643,8 +654,12 @@ def print_report(run: Run, summary: dict[str, Any], rows: list[dict[str, Any]]) 
             if r["value_without_probe"] is None
             else f"; without the post-hotload probe {r['value_without_probe']:.4f}"
         )
+        if r["pass"] is None:
+            verdict, extra = "info", f"{extra}; the issue sets it for {DELTA_VS_BASE_PRESET} only"
+        else:
+            verdict = "PASS" if r["pass"] else "FAIL"
         print(
-            f"  [{'PASS' if r['pass'] else 'FAIL'}] {r['target']} ({r['scope']}): "
+            f"  [{verdict}] {r['target']} ({r['scope']}): "
             f"{r['value']:.4f} (limit {r['limit']:.4f}{extra})"
         )
 
