@@ -706,7 +706,7 @@ class _ChunkEncoder:
         self.diff = np.empty(size, prev_e.dtype)
         self.planes = np.empty(self.diff.nbytes + 1, np.uint8)
         self.mask = np.empty(size, np.bool_)
-        self.compressor = zstandard.ZstdCompressor(level=level)
+        self.compressor = _compressor(level)
 
     def __call__(self, start: int, stop: int) -> bytes:
         self.owned_t[start:stop].copy_(self.source.flat[start:stop])
@@ -737,7 +737,7 @@ def _fused_chunk_encoder(
     cap = int(SPARSE_MAX_DENSITY * size)  # more changed: byte planes, like _changed_positions
     gaps = np.empty(cap + _xorkernel.SLACK, np.uint32)
     values = np.empty(cap + _xorkernel.SLACK, prev_e.dtype)
-    compressor = zstandard.ZstdCompressor(level=level)
+    compressor = _compressor(level)
 
     def encode(start: int, stop: int) -> bytes:
         chunk_cap = int(SPARSE_MAX_DENSITY * (stop - start))
@@ -795,6 +795,18 @@ _BUFFERS = _BufferPool(min_bytes=64 << 10, max_idle_bytes=2 << 30)
 
 def _chunk_elements(itemsize: int) -> int:
     return max(1, CHUNK_BYTES // itemsize)
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """zstd at ``level`` for delta chunks; at the fast levels (<= 1) with a small match table
+    and 7-byte minimum matches. A sparse chunk is mostly literals (the low mantissa bytes of
+    the changed values are noise) that zstd's Huffman stage compresses; its search for short
+    matches among them only costs time. Measured on 0.5B-shape chunks: 1.4-3x faster, same or
+    smaller frames, faster to decompress; byte-plane chunks unchanged."""
+    if level > 1:
+        return zstandard.ZstdCompressor(level=level)
+    params = zstandard.ZstdCompressionParameters.from_level(level, hash_log=9, min_match=7)
+    return zstandard.ZstdCompressor(compression_params=params)
 
 
 def _planes_frame(
