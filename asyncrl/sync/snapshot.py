@@ -751,6 +751,8 @@ def _fused_chunk_encoder(
         return _sparse_frame(_narrow_gaps(gaps[:changed]), values[:changed], compressor)
 
     return encode
+
+
 class _BufferPool:
     """Large byte buffers handed out as numpy arrays and taken back when the array (and every
     view of it) is garbage: a snapshot's bytes then reuse the memory of one that was dropped
