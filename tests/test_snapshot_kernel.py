@@ -147,6 +147,9 @@ def test_buffers_too_small_are_rejected() -> None:
         kernel.encode_f32_bf16(src, prev, owned, np.empty(50, np.uint32), values, 50)
     with pytest.raises(ValueError, match="src"):
         kernel.encode_f32_bf16(src[:99], prev, owned, np.empty(114, np.uint32), values, 50)
+    with pytest.raises(ValueError, match="2-byte"):
+        kernel.encode_copy16(np.zeros(101, np.uint8), np.zeros(101, np.uint8), owned,
+                             np.empty(114, np.uint32), values, 50)
     with pytest.raises(ValueError, match="width"):
         kernel.xor_scatter16(owned, np.zeros(2, np.uint8), 3, np.zeros(2, np.uint16))
     with pytest.raises(TypeError):

@@ -275,7 +275,9 @@ static PyObject *encode_common(PyObject *args, int f32)
         return NULL;
     }
     Py_ssize_t n = prev.len / 2;
-    int ok = prev.len % 2 == 0 && cap >= 0 && check_size(&src, n, f32 ? 4 : 2, "src") &&
+    /* positions are 32-bit (and a chunk's gaps at most 4 bytes wide) */
+    int ok = prev.len % 2 == 0 && cap >= 0 && (uint64_t)n <= UINT32_MAX &&
+             check_size(&src, n, f32 ? 4 : 2, "src") &&
              check_size(&owned, n, 2, "owned") && check_size(&gaps, cap + SLACK, 4, "gaps") &&
              check_size(&values, cap + SLACK, 2, "values");
     if (ok) {
@@ -284,7 +286,8 @@ static PyObject *encode_common(PyObject *args, int f32)
                            portable);
         Py_END_ALLOW_THREADS
     } else if (!PyErr_Occurred()) {
-        PyErr_SetString(PyExc_ValueError, "prev must hold whole 2-byte elements, cap >= 0");
+        PyErr_SetString(PyExc_ValueError,
+                        "prev must hold whole 2-byte elements (at most 2^32), cap >= 0");
     }
     PyBuffer_Release(&src);
     PyBuffer_Release(&prev);
@@ -340,8 +343,8 @@ static PyObject *xor_scatter16(PyObject *self, PyObject *args)
         const uint16_t *v = values.buf;
         uint16_t *t = target.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t k = 0; k < count; k++) { /* checked whole before target is written */
-            end += (Py_ssize_t)gap_at(g, width, k) + 1;
+        for (Py_ssize_t k = 0; k < count && end < n; k++) { /* checked before any write */
+            end += (Py_ssize_t)gap_at(g, width, k) + 1; /* end < n + 2^32: no overflow */
         }
         if (end < n) {
             Py_ssize_t pos = -1;
