@@ -46,6 +46,9 @@ def masters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def encode_both(
     monkeypatch: pytest.MonkeyPatch, previous: np.ndarray, source: snap._Source
 ) -> tuple[snap._Encoded, snap._Encoded]:
+    """The kernel's encoding (checked to be the one that runs) and the numpy path's."""
+    prev_e = previous.view(np.uint16)
+    assert snap._fused_chunk_encoder(source, prev_e, np.empty_like(prev_e), 1) is not None
     fused = snap._encode_tensor(previous, source, snap.DEFAULT_ZSTD_LEVEL)
     with monkeypatch.context() as m:
         m.setattr(snap, "_xorkernel", None)
