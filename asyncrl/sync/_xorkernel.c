@@ -42,56 +42,48 @@ static inline uint16_t bf16_of(uint32_t bits)
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-/* Convert (or copy) one block into owned[0..BLOCK) and return the mask of elements that differ
- * from prev; diff receives prev ^ owned. */
-static inline uint32_t block_f32_bf16(const uint32_t *src, const uint16_t *prev, uint16_t *owned,
-                                      uint16_t *diff)
+/* Element i of the source in the snapshot's dtype: bf16 of an fp32, or a 2-byte copy. */
+static inline uint16_t converted(const void *src, int f32, Py_ssize_t i)
 {
-#if defined(__SSE2__)
-    const __m128i bias = _mm_set1_epi32(0x7FFF), one = _mm_set1_epi32(1);
-    const __m128i nan_bits = _mm_set1_epi32(0xFFFF);
-    __m128i half[2];
-    for (int h = 0; h < 2; h++) {
-        __m128i parts[2];
-        for (int q = 0; q < 2; q++) {
-            __m128i x = _mm_loadu_si128((const __m128i *)(src + 8 * h + 4 * q));
-            __m128i lsb = _mm_and_si128(_mm_srli_epi32(x, 16), one);
-            __m128i r = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(x, bias), lsb), 16);
-            __m128 f = _mm_castsi128_ps(x);
-            __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(f, f));
-            r = _mm_or_si128(_mm_and_si128(nan, nan_bits), _mm_andnot_si128(nan, r));
-            /* sign-extend the low 16 bits so the signed saturating pack keeps them exactly */
-            parts[q] = _mm_srai_epi32(_mm_slli_epi32(r, 16), 16);
-        }
-        half[h] = _mm_packs_epi32(parts[0], parts[1]);
-    }
-    const __m128i zero = _mm_setzero_si128();
-    __m128i d0 = _mm_xor_si128(half[0], _mm_loadu_si128((const __m128i *)prev));
-    __m128i d1 = _mm_xor_si128(half[1], _mm_loadu_si128((const __m128i *)(prev + 8)));
-    _mm_storeu_si128((__m128i *)owned, half[0]);
-    _mm_storeu_si128((__m128i *)(owned + 8), half[1]);
-    _mm_storeu_si128((__m128i *)diff, d0);
-    _mm_storeu_si128((__m128i *)(diff + 8), d1);
-    __m128i same = _mm_packs_epi16(_mm_cmpeq_epi16(d0, zero), _mm_cmpeq_epi16(d1, zero));
-    return (~(uint32_t)_mm_movemask_epi8(same)) & 0xFFFFu;
-#else
-    uint32_t mask = 0;
-    for (int j = 0; j < BLOCK; j++) {
-        owned[j] = bf16_of(src[j]);
-        diff[j] = (uint16_t)(owned[j] ^ prev[j]);
-        mask |= (uint32_t)(diff[j] != 0) << j;
-    }
-    return mask;
-#endif
+    return f32 ? bf16_of(((const uint32_t *)src)[i]) : ((const uint16_t *)src)[i];
 }
 
-static inline uint32_t block_copy16(const uint16_t *src, const uint16_t *prev, uint16_t *owned,
-                                    uint16_t *diff)
+#if defined(__SSE2__)
+/* 8 fp32 -> 8 bf16 (round to nearest even, NaN -> 0xFFFF), as one vector of 16-bit lanes. */
+static inline __m128i bf16x8(const uint32_t *src)
+{
+    const __m128i bias = _mm_set1_epi32(0x7FFF), one = _mm_set1_epi32(1);
+    const __m128i nan_bits = _mm_set1_epi32(0xFFFF);
+    __m128i parts[2];
+    for (int q = 0; q < 2; q++) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(src + 4 * q));
+        __m128i lsb = _mm_and_si128(_mm_srli_epi32(x, 16), one);
+        __m128i r = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(x, bias), lsb), 16);
+        __m128 f = _mm_castsi128_ps(x);
+        __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(f, f));
+        r = _mm_or_si128(_mm_and_si128(nan, nan_bits), _mm_andnot_si128(nan, r));
+        /* sign-extend the low 16 bits so the signed saturating pack keeps them exactly */
+        parts[q] = _mm_srai_epi32(_mm_slli_epi32(r, 16), 16);
+    }
+    return _mm_packs_epi32(parts[0], parts[1]);
+}
+#endif
+
+/* Convert (or copy) source elements [i, i + BLOCK) into owned[0..BLOCK), their XOR with prev
+ * into diff, and return the mask of the elements that changed. */
+static inline uint32_t block16(const void *src, int f32, Py_ssize_t i, const uint16_t *prev,
+                               uint16_t *owned, uint16_t *diff)
 {
 #if defined(__SSE2__)
+    __m128i a0, a1;
+    if (f32) {
+        a0 = bf16x8((const uint32_t *)src + i);
+        a1 = bf16x8((const uint32_t *)src + i + 8);
+    } else {
+        a0 = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + i));
+        a1 = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + i + 8));
+    }
     const __m128i zero = _mm_setzero_si128();
-    __m128i a0 = _mm_loadu_si128((const __m128i *)src);
-    __m128i a1 = _mm_loadu_si128((const __m128i *)(src + 8));
     __m128i d0 = _mm_xor_si128(a0, _mm_loadu_si128((const __m128i *)prev));
     __m128i d1 = _mm_xor_si128(a1, _mm_loadu_si128((const __m128i *)(prev + 8)));
     _mm_storeu_si128((__m128i *)owned, a0);
@@ -103,7 +95,7 @@ static inline uint32_t block_copy16(const uint16_t *src, const uint16_t *prev, u
 #else
     uint32_t mask = 0;
     for (int j = 0; j < BLOCK; j++) {
-        owned[j] = src[j];
+        owned[j] = converted(src, f32, i + j);
         diff[j] = (uint16_t)(owned[j] ^ prev[j]);
         mask |= (uint32_t)(diff[j] != 0) << j;
     }
@@ -136,16 +128,12 @@ static Py_ssize_t encode_portable(const void *src, int f32, const uint16_t *prev
         uint64_t mask = 0;
         if (i + GROUP <= n) {
             for (int b = 0; b < GROUP; b += BLOCK) {
-                uint64_t m = f32 ? block_f32_bf16((const uint32_t *)src + i + b, prev + i + b,
-                                                  owned + i + b, diff + b)
-                                 : block_copy16((const uint16_t *)src + i + b, prev + i + b,
-                                                owned + i + b, diff + b);
+                uint64_t m = block16(src, f32, i + b, prev + i + b, owned + i + b, diff + b);
                 mask |= m << b;
             }
         } else { /* the tail, one element at a time */
             for (Py_ssize_t j = 0; i + j < n; j++) {
-                owned[i + j] = f32 ? bf16_of(((const uint32_t *)src)[i + j])
-                                   : ((const uint16_t *)src)[i + j];
+                owned[i + j] = converted(src, f32, i + j);
                 diff[j] = (uint16_t)(owned[i + j] ^ prev[i + j]);
                 mask |= (uint64_t)(diff[j] != 0) << j;
             }
@@ -209,7 +197,7 @@ encode_avx512(const void *src, int f32, const uint16_t *prev, uint16_t *owned, P
         count += _mm_popcnt_u32(hi);
     }
     for (; i < n; i++) { /* the tail */
-        owned[i] = f32 ? bf16_of(((const uint32_t *)src)[i]) : ((const uint16_t *)src)[i];
+        owned[i] = converted(src, f32, i);
         uint16_t d = (uint16_t)(owned[i] ^ prev[i]);
         if (d && count <= cap) {
             pos[count] = (uint32_t)i;
