@@ -738,14 +738,19 @@ def _fused_chunk_encoder(
     gaps = np.empty(cap + _xorkernel.SLACK, np.uint32)
     values = np.empty(cap + _xorkernel.SLACK, prev_e.dtype)
     compressor = _compressor(level)
+    dense: tuple[np.ndarray, np.ndarray] | None = None  # diff + planes, made when first needed
 
     def encode(start: int, stop: int) -> bytes:
+        nonlocal dense
         chunk_cap = int(SPARSE_MAX_DENSITY * (stop - start))
         changed = kernel(flat[start:stop], prev_e[start:stop], owned_e[start:stop],
                          gaps, values, chunk_cap)
         if changed < 0:
-            diff = np.bitwise_xor(prev_e[start:stop], owned_e[start:stop])
-            return _planes_frame(diff, compressor, np.empty(diff.nbytes + 1, np.uint8))
+            if dense is None:
+                dense = np.empty(size, prev_e.dtype), np.empty(2 * size + 1, np.uint8)
+            diff = np.bitwise_xor(prev_e[start:stop], owned_e[start:stop],
+                                  out=dense[0][: stop - start])
+            return _planes_frame(diff, compressor, dense[1])
         if changed == 0:
             return b""
         return _sparse_frame(_narrow_gaps(gaps[:changed]), values[:changed], compressor)
