@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -454,6 +455,40 @@ def test_worker_forgets_its_identity_when_the_reload_fails(chain: dict[str, Any]
     assert worker.asyncrl_status()["identity"] is None  # the next sync must be a base
     worker.fail_after = None
     assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
+
+
+def _apply_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "asyncrl-apply"]
+
+
+def test_worker_delta_reload_stopped_half_way_joins_its_apply_thread(
+    chain: dict[str, Any],
+) -> None:
+    worker = FakeWorker()
+    assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
+    worker.fail_after, worker.loaded = 0, {}
+    reply = worker.asyncrl_hotload(_delta_request(chain))
+    assert reply["ok"] is False and reply["engine_touched"] is True
+    assert worker.asyncrl_status()["identity"] is None and _apply_threads() == []
+
+
+def test_worker_apply_error_fails_the_reload(
+    chain: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = FakeWorker()
+    assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
+    worker.loaded = {}
+
+    def broken(self: snap.PendingSnapshot, name: str) -> None:
+        raise ChecksumError(f"{name}: held bytes changed")
+
+    monkeypatch.setattr(snap.PendingSnapshot, "apply", broken)
+    reply = worker.asyncrl_hotload(_delta_request(chain))
+    assert reply["ok"] is False and reply["engine_touched"] is True
+    assert reply["error_type"] == "ChecksumError" and "held bytes changed" in reply["message"]
+    # the changed tensor never reached the engine with its old bytes
+    assert "model.layers.1.mlp.down_proj.weight" not in worker.loaded
+    assert worker.asyncrl_status()["identity"] is None and _apply_threads() == []
 
 
 def test_worker_without_root_rejects_everything(

@@ -6,6 +6,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from asyncrl.sync.snapshot import (
     from_torch,
     list_snapshots,
     make_host_snapshot,
+    prepare_snapshot,
     read_manifest,
     to_torch,
     write_base,
@@ -320,8 +322,8 @@ def test_corrupt_delta_raises_and_leaves_current(
 
 
 def reforge_longest_blob(path: Path) -> None:
-    """Damage the end of the longest blob AND fix its blob checksum: only decoding (after its
-    earlier chunks were applied) or the result checksum can catch it."""
+    """Damage the end of the longest blob AND fix its blob checksum: only decoding (its earlier
+    chunks decode fine) or the result checksum can catch it."""
     obj = json.loads((path / MANIFEST_FILE).read_text())
     entry = max((e["blob"] for e in obj["tensors"] if "blob" in e), key=lambda b: b["length"])
     data = bytearray((path / DELTA_FILE).read_bytes())
@@ -333,10 +335,10 @@ def reforge_longest_blob(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["reforged_blob", "result_checksum"])
-def test_in_place_failure_puts_every_held_byte_back(
+def test_in_place_failure_writes_no_held_byte(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
 ) -> None:
-    monkeypatch.setattr(snap, "CHUNK_BYTES", 64)  # many chunks per tensor: some applied first
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 64)  # many chunks per tensor: some decode fine
     w0 = model()
     _, host0 = write_base(tmp_path, "b0", w0)
     write_delta(tmp_path, "d1", nudge(w0, sorted(w0), lr=0.5), host0)
@@ -366,6 +368,58 @@ def test_in_place_apply_turns_the_held_bytes(chain: Chain) -> None:
     for name, raw in loaded.snapshot.tensors.items():  # no copy: the held arrays were turned
         assert raw.data is held[name]
         assert not raw.data.flags.writeable
+
+
+def test_prepared_delta_is_applied_tensor_by_tensor(chain: Chain) -> None:
+    root, _, host0, w1 = chain
+    before = snapshot_bytes(host0)
+    expected = apply_snapshot(root / "d1", host0).snapshot
+    pending = prepare_snapshot(root / "d1", host0)
+    assert snapshot_bytes(host0) == before  # verified, nothing written yet
+    assert pending.pending == list(pending.loaded.changed) == sorted(pending.loaded.changed)
+    assert pending.loaded.snapshot.identity == expected.identity
+    first, *rest = pending.pending
+    pending.apply(first)
+    assert pending.pending == rest
+    assert host0.tensors[first].data.tobytes() == expected.tensors[first].data.tobytes()
+    assert snapshot_bytes(host0)[rest[0]] == before[rest[0]]  # the others still the previous
+    with ThreadPoolExecutor(2) as pool:  # any thread, any order; a second apply is a no-op
+        list(pool.map(pending.apply, [*reversed(rest), first]))
+    assert pending.pending == []
+    assert_same_bytes(to_torch(pending.loaded.snapshot), w1)
+    for name, raw in pending.loaded.snapshot.tensors.items():
+        assert raw.data is host0.tensors[name].data and not raw.data.flags.writeable
+
+
+def test_prepared_delta_on_bytes_numpy_cannot_write_is_applied_to_a_copy(chain: Chain) -> None:
+    root, _, host0, w1 = chain
+    frozen = make_host_snapshot({
+        name: raw._replace(data=np.frombuffer(raw.data.tobytes(), np.uint8))
+        for name, raw in host0.tensors.items()
+    })
+    before = snapshot_bytes(frozen)
+    loaded = prepare_snapshot(root / "d1", frozen).apply_all()
+    assert_same_bytes(to_torch(loaded.snapshot), w1)
+    assert snapshot_bytes(frozen) == before
+    for name in loaded.changed:
+        assert loaded.snapshot.tensors[name].data is not frozen.tensors[name].data
+
+
+def test_apply_rechecks_the_bytes_it_wrote(chain: Chain) -> None:
+    root, _, host0, _ = chain
+    pending = prepare_snapshot(root / "d1", host0)
+    name = pending.pending[0]
+    data = host0.tensors[name].data
+    data.flags.writeable = True
+    data[0] ^= 1  # the held bytes change between the verification and the apply
+    with pytest.raises(ChecksumError, match="changed in between"):
+        pending.apply(name)
+
+
+def test_prepared_base_has_nothing_to_apply(chain: Chain) -> None:
+    root, _, host0, _ = chain
+    pending = prepare_snapshot(root / "b0", None)
+    assert pending.pending == [] and pending.loaded.snapshot.identity == host0.identity
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))

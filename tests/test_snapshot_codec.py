@@ -31,8 +31,15 @@ def round_trip(prev: np.ndarray, cur: np.ndarray, itemsize: int) -> bytes | None
     assert enc.raw is not None and np.array_equal(enc.raw, cur)
     assert enc.raw.ctypes.data != cur.ctypes.data and not enc.raw.flags.writeable
     assert enc.checksum == snap.checksum(cur)
-    out, digest = snap._decode_tensor(enc.blob, prev, itemsize)
-    assert np.array_equal(out, cur) and digest == enc.checksum
+    before = prev.copy()
+    out = np.empty_like(prev)
+    assert snap._decode_tensor(enc.blob, prev, itemsize, out=out) == enc.checksum
+    assert np.array_equal(out, cur)
+    # verification alone builds the bytes in scratch and writes nowhere
+    assert snap._decode_tensor(enc.blob, prev, itemsize, out=None) == enc.checksum
+    held = prev.copy()
+    assert snap._decode_tensor(enc.blob, held, itemsize, out=held) == enc.checksum
+    assert np.array_equal(held, cur) and np.array_equal(prev, before)
     assert np.array_equal(snap.decode_tensor_delta(enc.blob, prev, itemsize), cur)
     return enc.blob
 
@@ -128,7 +135,7 @@ def test_malformed_blobs_raise_checksum_error(monkeypatch: pytest.MonkeyPatch) -
     # damaged frame bytes either fail to decode or decode to other bytes (other checksum)
     damaged = corrupt(blob, len(blob) - 3, b"\xff\xff\xff")
     try:
-        _, digest = snap._decode_tensor(damaged, prev, 2)
+        digest = snap._decode_tensor(damaged, prev, 2, out=None)
     except ChecksumError:
         return
     assert digest != snap.checksum(cur)

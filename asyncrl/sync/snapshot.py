@@ -31,9 +31,9 @@ passes per chunk and is used for what the kernel does not cover or when it is no
 0.5B shape on 2 cores: a delta's encode 1.0 -> 0.3 s, its decode 0.43 -> 0.2 s.
 
 Checksums are XXH3-128; the encoder hashes each tensor's bytes as it converts them and the
-decoder as it writes them, so verification costs no extra pass over memory. They are there to
-catch corruption and mix-ups (truncated / flipped / swapped files, a delta on the wrong
-snapshot), which XXH3 does as well as a cryptographic hash at ~9x its speed (18 us vs 162 us
+decoder each chunk as it builds it (in cache), so hashing costs no extra pass over memory. They
+are there to catch corruption and mix-ups (truncated / flipped / swapped files, a delta on the
+wrong snapshot), which XXH3 does as well as a cryptographic hash at ~9x its speed (18 us vs 162 us
 per MiB for BLAKE3 here). A cryptographic hash would add nothing: whoever can write into the
 snapshot root can write a valid snapshot of any weights (the root is the trust boundary).
 
@@ -43,7 +43,9 @@ Invariants:
 - A ``HostSnapshot`` owns its bytes (read-only numpy arrays, never a view of a caller's tensor
   or of a live model). Deltas are computed against it and applied to it.
 - ``apply_snapshot`` verifies everything (blob checksums, sizes, result checksums, identity)
-  before it returns, never mutates ``current``, and raises rather than return wrong bytes.
+  before it returns, and raises rather than return wrong bytes. It mutates ``current`` only
+  when asked to (``in_place``), and only after the whole snapshot has been verified: the
+  verification builds each new chunk in a scratch buffer (``prepare_snapshot``).
 - A directory is valid only if its manifest exists. Snapshots are written into ``.tmp-*``
   inside ``root`` (manifest last, fsynced) and renamed into place; readers ignore ``.tmp-*``;
   an existing snapshot is never overwritten.
@@ -51,7 +53,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import mmap
@@ -269,7 +270,9 @@ def decode_tensor_delta(
 ) -> np.ndarray:
     """Inverse of ``encode_tensor_delta``: the current bytes (a new array). Raises
     ``ChecksumError`` if the blob is malformed or does not fit ``previous``."""
-    return _decode_tensor(blob, previous, itemsize)[0]
+    out = _BUFFERS.take(previous.nbytes)
+    _decode_tensor(blob, previous, itemsize, out=out)
+    return out
 
 
 def encode_naive_delta(
@@ -459,17 +462,108 @@ def apply_snapshot(
     if the caller has already read it.
 
     ``current`` is never modified, unless ``in_place`` (a delta then turns the bytes of
-    ``current``'s changed tensors into the new ones instead of copying 1 GB per GB of model):
-    on success ``current`` must no longer be used (its bytes are the returned snapshot's); on
-    any error its bytes are put back exactly before the error is raised."""
+    ``current``'s changed tensors into the new ones instead of copying 1 GB per GB of model,
+    see ``prepare_snapshot``): on success ``current`` must no longer be used (its bytes are the
+    returned snapshot's); a snapshot that fails verification has written nothing."""
     path = Path(path)
     manifest = read_manifest(path) if manifest is None else manifest
+    if in_place and manifest.kind == "delta":
+        return prepare_snapshot(path, current, workers=workers, manifest=manifest).apply_all(
+            workers)
     _check_manifest_identity(path, manifest)
     if manifest.kind == "base":
         snapshot = _load_base(path, manifest, workers)
     else:
-        snapshot = _load_delta(path, manifest, current, workers, in_place)
+        snapshot = _load_delta(path, manifest, current, workers)
     return LoadedSnapshot(manifest, snapshot, tuple(manifest.changed))
+
+
+def prepare_snapshot(
+    path: str | os.PathLike[str],
+    current: HostSnapshot | None,
+    *,
+    workers: int | None = None,
+    manifest: SnapshotManifest | None = None,
+) -> PendingSnapshot:
+    """Read and verify the snapshot at ``path`` completely WITHOUT writing anything into
+    ``current``; what remains is to ``apply`` each changed tensor of a delta, in place.
+
+    The verification builds each chunk of the new bytes in a scratch buffer and hashes it
+    there, so a snapshot that fails it (checksums, sizes, chain, identity) has written nothing.
+    Applying then turns ``current``'s bytes of a changed tensor into the new ones where they
+    lie (a copy where numpy will not let ``current``'s array be written), tensor by tensor,
+    from any thread: a caller can start using the first tensors while the rest are applied."""
+    path = Path(path)
+    manifest = read_manifest(path) if manifest is None else manifest
+    _check_manifest_identity(path, manifest)
+    changed = tuple(manifest.changed)
+    if manifest.kind == "base":
+        loaded = LoadedSnapshot(manifest, _load_base(path, manifest, workers), changed)
+        return PendingSnapshot(loaded, {})
+    assert current is not None  # _read_delta raises DeltaChainError without it
+    entries, blobs = _read_delta(path, manifest, current, workers)
+    digests = _parallel_map(
+        lambda e: _decode_tensor(blobs[e.name], current.tensors[e.name].data,
+                                 _itemsize(e.dtype), out=None),
+        entries, workers, cost=lambda e: current.tensors[e.name].data.nbytes)
+    _raise_if_mismatched(path, entries, digests)
+    work: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for e in entries:
+        previous = current.tensors[e.name].data
+        writable = _make_writable(previous)
+        previous.flags.writeable = False
+        work[e.name] = (blobs[e.name], previous,
+                        previous if writable else _BUFFERS.take(previous.nbytes))
+    raw = {e.name: current.tensors[e.name]._replace(data=work[e.name][2]) if e.name in work
+           else current.tensors[e.name] for e in manifest.tensors}
+    snapshot = _host_snapshot(raw, {e.name: e.checksum for e in manifest.tensors})
+    if snapshot.identity != manifest.snapshot_identity:  # pragma: no cover - checked above
+        raise ChecksumError(f"{path}: result identity {snapshot.identity} != manifest")
+    return PendingSnapshot(LoadedSnapshot(manifest, snapshot, changed), work)
+
+
+class PendingSnapshot:
+    """A verified snapshot from ``prepare_snapshot``. ``loaded.snapshot`` names the new
+    snapshot; the arrays of its changed tensors ARE those of the ``current`` it was prepared
+    on, holding the previous bytes until ``apply(name)`` turns them (once per tensor, from any
+    thread, in any order). Until ``pending`` is empty neither snapshot's bytes are whole; if an
+    ``apply`` raises (it re-checks the bytes it wrote), neither may be used again."""
+
+    def __init__(
+        self, loaded: LoadedSnapshot, work: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> None:
+        self.loaded = loaded
+        self._work = dict(work)  # name -> (blob, previous bytes, target); removed when taken
+        self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> list[str]:
+        """Names of the tensors not applied yet, sorted."""
+        with self._lock:
+            return sorted(self._work)
+
+    def apply(self, name: str) -> None:
+        """Write the new bytes of ``name`` (a no-op when there is nothing left to apply)."""
+        with self._lock:
+            item = self._work.pop(name, None)
+        if item is None:
+            return
+        blob, previous, target = item
+        target.flags.writeable = True
+        try:
+            digest = _decode_tensor(blob, previous, _itemsize(self.loaded.snapshot.tensors[name]
+                                                              .dtype), out=target)
+        finally:
+            target.flags.writeable = False
+        if digest != self.loaded.snapshot.checksums[name]:
+            raise ChecksumError(f"tensor {name!r}: the bytes applied do not match the checksum "
+                                "verified before (its held bytes changed in between)")
+
+    def apply_all(self, workers: int | None = None) -> LoadedSnapshot:
+        """Apply every pending tensor (one thread per core) and return the loaded snapshot."""
+        tensors = self.loaded.snapshot.tensors
+        _parallel_map(self.apply, self.pending, workers, cost=lambda n: tensors[n].data.nbytes)
+        return self.loaded
 
 
 def list_snapshots(root: str | os.PathLike[str]) -> list[str]:
@@ -920,34 +1014,29 @@ def _blob_frames(blob: memoryview, n: int, itemsize: int) -> list[tuple[int, int
 
 
 def _decode_tensor(
-    blob: bytes | np.ndarray, previous: np.ndarray, itemsize: int, *, in_place: bool = False
-) -> tuple[np.ndarray, str]:
-    """The current bytes and their checksum, hashed chunk by chunk as decoded: a new array,
-    or with ``in_place`` ``previous`` itself (writable) turned into the current bytes.
+    blob: bytes | np.ndarray, previous: np.ndarray, itemsize: int, *, out: np.ndarray | None
+) -> str:
+    """XOR ``blob``'s chunks onto ``previous``'s bytes and return the checksum of the result,
+    hashed chunk by chunk while it is in cache. The result is written to ``out`` (``previous``
+    itself: in place), or with ``out=None`` nowhere: each chunk is built in a scratch buffer,
+    hashed and dropped (a verification that writes nothing).
 
-    In place, an error leaves the chunks before the bad one turned; applying the same blob
-    again turns them back (XOR is its own inverse, and a chunk is checked whole before it is
-    applied), see ``_undo_in_place``."""
+    A bad chunk raises ``ChecksumError`` before it is written; in place, the chunks before it
+    are then already turned (callers verify with ``out=None`` first)."""
     prev_e = _elements(previous, itemsize)
-    out = previous if in_place else _BUFFERS.take(previous.nbytes)
-    out_e = out.view(prev_e.dtype)
+    size = min(prev_e.size, _chunk_elements(itemsize))
+    work = np.empty(size, prev_e.dtype) if out is None else out.view(prev_e.dtype)
     decompressor = zstandard.ZstdDecompressor()
     hasher = xxhash.xxh3_128()
-    scratch = np.empty(min(prev_e.size, _chunk_elements(itemsize)) * itemsize, np.uint8)
+    scratch = np.empty(size * itemsize, np.uint8)
     for start, stop, frame in _blob_frames(_buffer(blob), prev_e.size, itemsize):
-        if not in_place:
-            np.copyto(out_e[start:stop], prev_e[start:stop])
+        target = work[: stop - start] if out is None else work[start:stop]
+        if out is not previous:
+            np.copyto(target, prev_e[start:stop])
         if len(frame):
-            _xor_chunk(frame, out_e[start:stop], itemsize, decompressor, scratch)
-        hasher.update(_buffer(out[start * itemsize : stop * itemsize]))
-    return out, hasher.hexdigest()
-
-
-def _undo_in_place(blob: bytes | np.ndarray, data: np.ndarray, itemsize: int) -> None:
-    """Turn back what ``_decode_tensor(..., in_place=True)`` did to ``data``, also when it
-    stopped at a bad chunk (which then stops this pass at the same chunk)."""
-    with contextlib.suppress(ChecksumError):
-        _decode_tensor(blob, data, itemsize, in_place=True)
+            _xor_chunk(frame, target, itemsize, decompressor, scratch)
+        hasher.update(_buffer(target))
+    return hasher.hexdigest()
 
 
 def _xor_chunk(
@@ -1156,13 +1245,11 @@ def _verify_checksums(
 # Internals: delta I/O
 
 
-def _load_delta(
-    path: Path,
-    manifest: SnapshotManifest,
-    current: HostSnapshot | None,
-    workers: int | None,
-    in_place: bool,
-) -> HostSnapshot:
+def _read_delta(
+    path: Path, manifest: SnapshotManifest, current: HostSnapshot | None, workers: int | None
+) -> tuple[list[TensorEntry], dict[str, np.ndarray]]:
+    """The changed entries of a delta on ``current`` and their blobs, read and checked against
+    their checksums (nothing is decoded yet)."""
     if current is None:
         raise DeltaChainError(
             f"{path} is a delta on {manifest.previous_snapshot_identity} but no base is held; "
@@ -1177,36 +1264,28 @@ def _load_delta(
     changed = [e for e in manifest.tensors if e.blob is not None]
     blobs_end = max((e.blob.offset + e.blob.length for e in changed if e.blob), default=0)
     buf = _read_exact(path / DELTA_FILE, blobs_end)
-
     blobs = {e.name: buf[e.blob.offset: e.blob.offset + e.blob.length] for e in changed if e.blob}
     _verify_blobs(path / DELTA_FILE, blobs, manifest, workers)
+    return changed, blobs
 
-    def decode(entry: TensorEntry) -> _Decoded:
-        prev = current.tensors[entry.name]
-        here = in_place and _make_writable(prev.data)
-        try:
-            data, digest = _decode_tensor(blobs[entry.name], prev.data, _itemsize(entry.dtype),
-                                          in_place=here)
-        except Exception as exc:  # raised once every tensor is settled (and undone)
-            return _Decoded(None, here, exc)
-        return _Decoded(RawTensor(entry.dtype, entry.shape, data), here,
-                        None if digest == entry.checksum else _MISMATCH)
 
-    results = dict(zip(changed, _parallel_map(
-        decode, changed, workers, cost=lambda e: current.tensors[e.name].data.nbytes), strict=True))
-    failed = {e.name: r.error for e, r in results.items() if r.error is not None}
-    if failed:
-        _parallel_map(lambda e: _undo_in_place(blobs[e.name], current.tensors[e.name].data,
-                                               _itemsize(e.dtype)),
-                      [e for e, r in results.items() if r.in_place], workers)
-        for held in current.tensors.values():
-            held.data.flags.writeable = False
-        errors = [exc for exc in failed.values() if exc is not _MISMATCH]
-        if errors:
-            raise errors[0]
-        raise ChecksumError(f"{path / DELTA_FILE}: decoded bytes of tensor(s) {list(failed)[:5]} "
-                            f"do not match their manifest checksum ({len(failed)} bad)")
-    decoded = {e.name: r.raw for e, r in results.items() if r.raw is not None}
+def _load_delta(
+    path: Path, manifest: SnapshotManifest, current: HostSnapshot | None, workers: int | None
+) -> HostSnapshot:
+    """A delta on ``current`` decoded into new arrays (``current`` is not touched)."""
+    changed, blobs = _read_delta(path, manifest, current, workers)
+    assert current is not None
+
+    def decode(entry: TensorEntry) -> tuple[np.ndarray, str]:
+        previous = current.tensors[entry.name].data
+        out = _BUFFERS.take(previous.nbytes)
+        return out, _decode_tensor(blobs[entry.name], previous, _itemsize(entry.dtype), out=out)
+
+    results = _parallel_map(decode, changed, workers,
+                            cost=lambda e: current.tensors[e.name].data.nbytes)
+    _raise_if_mismatched(path, changed, [digest for _, digest in results])
+    decoded = {e.name: current.tensors[e.name]._replace(data=out)
+               for e, (out, _) in zip(changed, results, strict=True)}
     raw = {e.name: decoded.get(e.name, current.tensors[e.name]) for e in manifest.tensors}
     snapshot = _host_snapshot(raw, {e.name: e.checksum for e in manifest.tensors})
     if snapshot.identity != manifest.snapshot_identity:  # pragma: no cover - checked above
@@ -1214,13 +1293,13 @@ def _load_delta(
     return snapshot
 
 
-class _Decoded(NamedTuple):
-    raw: RawTensor | None
-    in_place: bool  # the held bytes were turned (to be undone if anything failed)
-    error: BaseException | None
-
-
-_MISMATCH = ChecksumError("decoded bytes do not match the manifest checksum")
+def _raise_if_mismatched(
+    path: Path, entries: Sequence[TensorEntry], digests: Sequence[str]
+) -> None:
+    bad = [e.name for e, digest in zip(entries, digests, strict=True) if digest != e.checksum]
+    if bad:
+        raise ChecksumError(f"{path / DELTA_FILE}: decoded bytes of tensor(s) {bad[:5]} "
+                            f"do not match their manifest checksum ({len(bad)} bad)")
 
 
 def _make_writable(data: np.ndarray) -> bool:

