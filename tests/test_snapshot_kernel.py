@@ -155,22 +155,56 @@ def test_buffers_too_small_are_rejected() -> None:
         kernel.encode_copy16(np.zeros(101, np.uint8), np.zeros(101, np.uint8), owned,
                              np.empty(114, np.uint32), values, 50)
     with pytest.raises(ValueError, match="width"):
-        kernel.xor_scatter16(owned, np.zeros(2, np.uint8), 3, np.zeros(2, np.uint16))
+        kernel.xor_scatter16(owned, np.zeros(10, np.uint8), 2, 3)
+    with pytest.raises(ValueError, match="count"):  # 2 gaps of 1 byte + 2 values = 6 bytes
+        kernel.xor_scatter16(owned, np.zeros(5, np.uint8), 2, 1)
+    with pytest.raises(ValueError, match="source"):
+        kernel.xor_scatter16(owned, np.zeros(6, np.uint8), 2, 1, prev[:99])
     with pytest.raises(TypeError):
-        kernel.xor_scatter16(prev.copy().data.toreadonly(), np.zeros(1, np.uint8), 1,
-                             np.zeros(1, np.uint16))
+        kernel.xor_scatter16(prev.copy().data.toreadonly(), np.zeros(3, np.uint8), 1, 1)
+
+
+def sparse_planes(gaps: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A sparse frame's payload as stored: gap byte planes, then value byte planes."""
+    return np.concatenate([snap.shuffle_bytes(gaps.view(np.uint8), gaps.itemsize),
+                           snap.shuffle_bytes(values.view(np.uint8), 2)])
 
 
 def test_scatter_past_the_end_leaves_the_target_untouched() -> None:
     target = np.arange(10, dtype=np.uint16)
-    gaps = np.array([1, 2, 7], np.uint8)  # positions 1, 4, 12: the last is past the end
-    with pytest.raises(ValueError, match="past"):
-        kernel.xor_scatter16(target, gaps, 1, np.array([5, 6, 7], np.uint16))
-    assert np.array_equal(target, np.arange(10, dtype=np.uint16))
-    kernel.xor_scatter16(target, np.array([1, 2], np.uint16), 2, np.array([5, 6], np.uint16))
+    source = np.full(10, 9, np.uint16)
+    planes = sparse_planes(np.array([1, 2, 7], np.uint8), np.array([5, 6, 7], np.uint16))
+    for extra in ((), (source,)):  # positions 1, 4, 12: the last is past the end
+        with pytest.raises(ValueError, match="past"):
+            kernel.xor_scatter16(target, planes, 3, 1, *extra)
+        assert np.array_equal(target, np.arange(10, dtype=np.uint16))
+    kernel.xor_scatter16(target, planes[[0, 1, 3, 4, 6, 7]], 2, 1)
     expected = np.arange(10, dtype=np.uint16)
     expected[[1, 4]] ^= np.array([5, 6], np.uint16)
     assert np.array_equal(target, expected)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("with_source", [False, True])
+def test_scatter_reads_byte_planes_like_the_numpy_path(width: int, with_source: bool) -> None:
+    rng = np.random.default_rng(width)
+    n = 300_000
+    positions = np.sort(rng.choice(n, 100_000 if width == 1 else 2_000, replace=False))
+    positions[-1] = n - 1  # the last element too
+    if width == 4:
+        positions = np.union1d([0, 70_000], positions[positions > 70_000])  # a 4-byte gap
+    gaps = np.diff(positions, prepend=-1) - 1
+    assert snap._narrow_gaps(gaps).itemsize == width
+    values = rng.integers(1, 1 << 16, positions.size, dtype=np.uint16)
+    planes = sparse_planes(snap._narrow_gaps(gaps), values)
+    source = rng.integers(0, 1 << 16, n, dtype=np.uint16)
+    expected = source.copy()
+    expected[positions] ^= values
+    target = np.zeros(n, np.uint16) if with_source else source.copy()
+    kernel.xor_scatter16(target, planes, positions.size, width,
+                         *((source,) if with_source else ()))
+    assert np.array_equal(target, expected)
+    assert not with_source or not np.array_equal(source, expected)  # the source is not written
 
 
 def test_a_corrupt_sparse_chunk_raises_checksum_error_through_the_decoder() -> None:

@@ -16,9 +16,12 @@
  *       round-to-nearest-even and a NaN becomes 0xFFFF, as torch converts on the CPU.
  *       ``portable`` forces the portable loop where the AVX-512 one would run (``SIMD`` names
  *       the default).
- *   xor_scatter16(target, gaps, width, values) -> None
- *       the inverse: target[pos_k] ^= values[k]; gaps are ``width``-byte unsigned integers.
- *       ValueError (target untouched) when a position falls past the end of target.
+ *   xor_scatter16(target, planes, count, width, source=None) -> None
+ *       the inverse: target[pos_k] ^= values[k], reading a sparse frame's payload as it is
+ *       stored: the byte planes of ``count`` gaps of ``width`` bytes, then the two byte planes
+ *       of the ``count`` values. With ``source``, target = source first (one copy per chunk,
+ *       which then stays in cache for the scatter). ValueError (target untouched) when a
+ *       position falls past the end of target.
  *
  * Buffers are anything with the buffer protocol (numpy arrays); the GIL is released while a
  * loop runs, so the encoder's threads (one per core) run in parallel.
@@ -297,57 +300,76 @@ static PyObject *encode_copy16(PyObject *self, PyObject *args)
     return encode_common(args, 0);
 }
 
-static inline uint32_t gap_at(const uint8_t *gaps, int width, Py_ssize_t k)
+/* The k-th of ``count`` unsigned integers of ``width`` bytes stored as byte planes (plane b
+ * holds byte b of every integer, little-endian order). */
+static inline uint32_t planed_at(const uint8_t *planes, int width, Py_ssize_t count, Py_ssize_t k)
 {
-    switch (width) {
+    uint32_t v = planes[k];
+    for (int b = 1; b < width; b++) {
+        v |= (uint32_t)planes[b * count + k] << (8 * b);
+    }
+    return v;
+}
+
+static void scatter(uint16_t *t, const uint8_t *g, int width, const uint8_t *v, Py_ssize_t count)
+{
+    Py_ssize_t pos = -1;
+    switch (width) { /* one loop per width: the plane reads then inline */
     case 1:
-        return gaps[k];
-    case 2: {
-        uint16_t v;
-        memcpy(&v, gaps + 2 * k, 2);
-        return v;
-    }
-    default: {
-        uint32_t v;
-        memcpy(&v, gaps + 4 * k, 4);
-        return v;
-    }
+        for (Py_ssize_t k = 0; k < count; k++) {
+            pos += (Py_ssize_t)g[k] + 1;
+            t[pos] ^= (uint16_t)(v[k] | v[count + k] << 8);
+        }
+        break;
+    case 2:
+        for (Py_ssize_t k = 0; k < count; k++) {
+            pos += (Py_ssize_t)planed_at(g, 2, count, k) + 1;
+            t[pos] ^= (uint16_t)(v[k] | v[count + k] << 8);
+        }
+        break;
+    default:
+        for (Py_ssize_t k = 0; k < count; k++) {
+            pos += (Py_ssize_t)planed_at(g, 4, count, k) + 1;
+            t[pos] ^= (uint16_t)(v[k] | v[count + k] << 8);
+        }
     }
 }
 
 static PyObject *xor_scatter16(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer target, gaps, values;
+    Py_buffer target, planes, source = {0};
+    Py_ssize_t count;
     int width;
-    if (!PyArg_ParseTuple(args, "w*y*iy*", &target, &gaps, &width, &values)) {
+    if (!PyArg_ParseTuple(args, "w*y*ni|y*", &target, &planes, &count, &width, &source)) {
         return NULL;
     }
-    Py_ssize_t n = target.len / 2, count = values.len / 2, end = -1;
-    int ok = (width == 1 || width == 2 || width == 4) && values.len % 2 == 0 &&
-             gaps.len == count * width;
+    Py_ssize_t n = target.len / 2, end = -1;
+    int ok = (width == 1 || width == 2 || width == 4) && count >= 0 && target.len % 2 == 0 &&
+             planes.len == count * (width + 2) && (source.buf == NULL || source.len == target.len);
     if (ok) {
-        const uint8_t *g = gaps.buf;
-        const uint16_t *v = values.buf;
-        uint16_t *t = target.buf;
+        const uint8_t *g = planes.buf, *v = g + count * width;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t k = 0; k < count && end < n; k++) { /* checked before any write */
-            end += (Py_ssize_t)gap_at(g, width, k) + 1; /* end < n + 2^32: no overflow */
+            end += (Py_ssize_t)planed_at(g, width, count, k) + 1; /* < n + 2^32: no overflow */
         }
         if (end < n) {
-            Py_ssize_t pos = -1;
-            for (Py_ssize_t k = 0; k < count; k++) {
-                pos += (Py_ssize_t)gap_at(g, width, k) + 1;
-                t[pos] ^= v[k];
+            if (source.buf != NULL && source.buf != target.buf) {
+                memmove(target.buf, source.buf, (size_t)target.len);
             }
+            scatter(target.buf, g, width, v, count);
         }
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&target);
-    PyBuffer_Release(&gaps);
-    PyBuffer_Release(&values);
+    PyBuffer_Release(&planes);
+    if (source.buf != NULL) {
+        PyBuffer_Release(&source);
+    }
     if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "gaps and values do not match (width 1, 2 or 4)");
+        PyErr_SetString(PyExc_ValueError,
+                        "planes must hold count gaps of width 1, 2 or 4 bytes and count 2-byte "
+                        "values; source (if given) the size of target");
         return NULL;
     }
     if (end >= n) {
@@ -363,7 +385,7 @@ static PyMethodDef methods[] = {
     {"encode_copy16", encode_copy16, METH_VARARGS,
      "encode_copy16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
     {"xor_scatter16", xor_scatter16, METH_VARARGS,
-     "xor_scatter16(target, gaps, width, values): target[positions] ^= values"},
+     "xor_scatter16(target, planes, count, width, source=None): target[positions] ^= values"},
     {NULL, NULL, 0, NULL},
 };
 

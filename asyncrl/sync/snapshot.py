@@ -1031,10 +1031,11 @@ def _decode_tensor(
     scratch = np.empty(size * itemsize, np.uint8)
     for start, stop, frame in _blob_frames(_buffer(blob), prev_e.size, itemsize):
         target = work[: stop - start] if out is None else work[start:stop]
-        if out is not previous:
-            np.copyto(target, prev_e[start:stop])
+        source = None if out is previous else prev_e[start:stop]
         if len(frame):
-            _xor_chunk(frame, target, itemsize, decompressor, scratch)
+            _xor_chunk(frame, target, itemsize, decompressor, scratch, source)
+        elif source is not None:
+            np.copyto(target, source)
         hasher.update(_buffer(target))
     return hasher.hexdigest()
 
@@ -1045,9 +1046,11 @@ def _xor_chunk(
     itemsize: int,
     decompressor: zstandard.ZstdDecompressor,
     scratch: np.ndarray,
+    source: np.ndarray | None = None,
 ) -> None:
-    """XOR one chunk's diff into ``target``; the frame is checked whole before ``target`` is
-    written, so a ``ChecksumError`` leaves it unchanged."""
+    """XOR one chunk's diff into ``target``, or with ``source`` write ``source XOR diff`` to it;
+    the frame is checked whole before ``target`` is written, so a ``ChecksumError`` leaves it
+    unchanged."""
     limit = _SPARSE_HEADER.size + target.size * (max(_GAP_WIDTHS) + itemsize) + 1
     try:
         size = zstandard.frame_content_size(frame)
@@ -1058,7 +1061,7 @@ def _xor_chunk(
         raise ChecksumError(f"delta chunk does not decompress: {exc}") from exc
     if content[0] == _FILTER_PLANES and content.nbytes == target.nbytes + 1:
         diff = unshuffle_bytes(content[1:], itemsize, out=scratch[: target.nbytes])
-        np.bitwise_xor(target, diff.view(target.dtype), out=target)
+        np.bitwise_xor(target if source is None else source, diff.view(target.dtype), out=target)
         return
     if content[0] != _FILTER_SPARSE or content.nbytes < _SPARSE_HEADER.size:
         raise ChecksumError(f"delta chunk of {content.nbytes} bytes has an unknown layout "
@@ -1069,15 +1072,18 @@ def _xor_chunk(
             or content.nbytes != values_at + changed * itemsize):
         raise ChecksumError(f"delta chunk: {changed} changed elements with {width}-byte gaps "
                             f"do not fill its {content.nbytes} bytes")
-    gaps = unshuffle_bytes(content[_SPARSE_HEADER.size : values_at], width)
-    values = unshuffle_bytes(content[values_at:], itemsize).view(target.dtype)
-    if _xorkernel is not None and itemsize == 2:
+    if _xorkernel is not None and itemsize == 2:  # reads the byte planes as they are stored
         try:
-            _xorkernel.xor_scatter16(target, gaps, width, values)
+            _xorkernel.xor_scatter16(target, content[_SPARSE_HEADER.size:], changed, width,
+                                     *(() if source is None else (source,)))
         except ValueError as exc:
             raise ChecksumError(f"delta chunk: {exc}") from exc
         return
-    target[_decode_gaps(gaps.view(_UINTS[width]), target.size)] ^= values
+    gaps = unshuffle_bytes(content[_SPARSE_HEADER.size : values_at], width)
+    positions = _decode_gaps(gaps.view(_UINTS[width]), target.size)
+    if source is not None:
+        np.copyto(target, source)
+    target[positions] ^= unshuffle_bytes(content[values_at:], itemsize).view(target.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
