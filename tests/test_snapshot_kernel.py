@@ -170,6 +170,23 @@ def sparse_planes(gaps: np.ndarray, values: np.ndarray) -> np.ndarray:
                            snap.shuffle_bytes(values.view(np.uint8), 2)])
 
 
+@pytest.mark.parametrize("largest", [0, 255, 256, 65_535, 65_536, 2**32 - 1])
+def test_sparse_planes_narrow_the_gaps_like_the_numpy_path(largest: int) -> None:
+    rng = np.random.default_rng(largest)
+    gaps = rng.integers(0, largest + 1, 1_001, dtype=np.uint64).astype(np.uint32)
+    gaps[500] = largest
+    values = rng.integers(1, 1 << 16, gaps.size, dtype=np.uint16)
+    out = np.full(6 * gaps.size + 7, 0xAB, np.uint8)
+    width = kernel.sparse_planes16(gaps, values, gaps.size - 1, out)  # all but the last
+    narrowed = snap._narrow_gaps(gaps[:-1])
+    assert width == narrowed.itemsize
+    written = (width + 2) * (gaps.size - 1)
+    assert np.array_equal(out[:written], sparse_planes(narrowed, values[:-1]))
+    assert (out[written:] == 0xAB).all()
+    with pytest.raises(ValueError, match="fewer"):
+        kernel.sparse_planes16(gaps, values, gaps.size, out[: 6 * gaps.size - 1])
+
+
 def test_scatter_past_the_end_leaves_the_target_untouched() -> None:
     target = np.arange(10, dtype=np.uint16)
     source = np.full(10, 9, np.uint16)

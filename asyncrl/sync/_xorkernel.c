@@ -16,6 +16,10 @@
  *       round-to-nearest-even and a NaN becomes 0xFFFF, as torch converts on the CPU.
  *       ``portable`` forces the portable loop where the AVX-512 one would run (``SIMD`` names
  *       the default).
+ *   sparse_planes16(gaps, values, count, out) -> width
+ *       what a sparse frame stores of the first ``count`` gaps (uint32) and values (uint16):
+ *       the gaps' byte planes, narrowed to the ``width`` (1, 2 or 4 bytes) of the largest, then
+ *       the values' two byte planes; written to ``out`` (at least 6 * count bytes).
  *   xor_scatter16(target, planes, count, width, source=None) -> None
  *       the inverse: target[pos_k] ^= values[k], reading a sparse frame's payload as it is
  *       stored: the byte planes of ``count`` gaps of ``width`` bytes, then the two byte planes
@@ -379,11 +383,57 @@ static PyObject *xor_scatter16(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* A sparse chunk's payload as stored: the byte planes of the gaps, narrowed to the fewest bytes
+ * (1, 2 or 4) that hold the largest, then the two byte planes of the values. */
+static PyObject *sparse_planes16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer gaps, values, out;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "y*y*nw*", &gaps, &values, &count, &out)) {
+        return NULL;
+    }
+    int ok = count >= 0 && gaps.len >= count * 4 && values.len >= count * 2 &&
+             out.len >= count * 6, width = 1;
+    if (ok) {
+        const uint32_t *g = gaps.buf;
+        const uint16_t *v = values.buf;
+        uint8_t *o = out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        uint32_t largest = 0;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            largest = g[k] > largest ? g[k] : largest;
+        }
+        width = largest >> 16 ? 4 : largest >> 8 ? 2 : 1;
+        for (int b = 0; b < width; b++) {
+            for (Py_ssize_t k = 0; k < count; k++) {
+                o[b * count + k] = (uint8_t)(g[k] >> (8 * b));
+            }
+        }
+        o += width * count;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            o[k] = (uint8_t)v[k];
+            o[count + k] = (uint8_t)(v[k] >> 8);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&gaps);
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&out);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "gaps, values or out hold fewer than count entries");
+        return NULL;
+    }
+    return PyLong_FromLong(width);
+}
+
 static PyMethodDef methods[] = {
     {"encode_f32_bf16", encode_f32_bf16, METH_VARARGS,
      "encode_f32_bf16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
     {"encode_copy16", encode_copy16, METH_VARARGS,
      "encode_copy16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
+    {"sparse_planes16", sparse_planes16, METH_VARARGS,
+     "sparse_planes16(gaps, values, count, out) -> gap width"},
     {"xor_scatter16", xor_scatter16, METH_VARARGS,
      "xor_scatter16(target, planes, count, width, source=None): target[positions] ^= values"},
     {NULL, NULL, 0, NULL},

@@ -831,6 +831,7 @@ def _fused_chunk_encoder(
     cap = int(SPARSE_MAX_DENSITY * size)  # more changed: byte planes, like _changed_positions
     gaps = np.empty(cap + _xorkernel.SLACK, np.uint32)
     values = np.empty(cap + _xorkernel.SLACK, prev_e.dtype)
+    payload = np.empty(_SPARSE_HEADER.size + 6 * cap, np.uint8)  # a sparse frame's content
     compressor = _compressor(level)
     dense: tuple[np.ndarray, np.ndarray] | None = None  # diff + planes, made when first needed
 
@@ -847,7 +848,10 @@ def _fused_chunk_encoder(
             return _planes_frame(diff, compressor, dense[1])
         if changed == 0:
             return b""
-        return _sparse_frame(_narrow_gaps(gaps[:changed]), values[:changed], compressor)
+        head = _SPARSE_HEADER.size
+        width = _xorkernel.sparse_planes16(gaps, values, changed, payload[head:])
+        _SPARSE_HEADER.pack_into(_buffer(payload), 0, _FILTER_SPARSE, changed, width)
+        return compressor.compress(_buffer(payload[: head + (width + 2) * changed]))
 
     return encode
 
