@@ -54,6 +54,7 @@ from asyncrl.sync.worker_extension import (
     WorkerHotloadState,
     check_token,
     error_reply,
+    reload_order,
     resolve_snapshot_path,
 )
 
@@ -497,6 +498,22 @@ def test_worker_without_root_rejects_everything(
     monkeypatch.delenv(ENV_SNAPSHOT_ROOT)
     _assert_rejected(FakeWorker(), _request(chain["base"], str(chain["root"] / "base")),
                      HotloadError)
+
+
+def test_reload_order_puts_the_decoder_layers_first() -> None:
+    names = ["lm_head.weight", "model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+             "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight",
+             "model.norm.weight"]
+    assert reload_order(names) == (
+        "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.up_proj.weight", "lm_head.weight", "model.embed_tokens.weight",
+        "model.norm.weight")
+
+
+def test_worker_hands_the_engine_its_tensors_in_reload_order(chain: dict[str, Any]) -> None:
+    worker = FakeWorker()
+    assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
+    assert list(worker.loaded) == list(reload_order(NAMES))
 
 
 def test_worker_state_prepare_touches_nothing(chain: dict[str, Any]) -> None:

@@ -34,9 +34,10 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ __all__ = [
     "WorkerHotloadState",
     "check_token",
     "error_reply",
+    "reload_order",
     "resolve_snapshot_path",
 ]
 
@@ -129,6 +131,19 @@ class HotloadRequest:
             previous_snapshot_identity=obj.get("previous_snapshot_identity"),
             token=obj.get("token"),
         )
+
+
+_DECODER_LAYER = re.compile(r"\blayers\.\d+\.")
+
+
+def reload_order(names: Iterable[str]) -> tuple[str, ...]:
+    """The order in which tensors are handed to vLLM's reload: the decoder layers' tensors
+    first (in the given order, each layer's together: vLLM processes a layer once all of it
+    has arrived), then the others (embedding, final norm, lm_head). The delta is applied in
+    the same order on a thread beside the reload, so the embedding, the largest tensor by
+    far, is applied while vLLM reloads the layers instead of holding up the first tensor."""
+    names = list(names)
+    return tuple(sorted(names, key=lambda name: _DECODER_LAYER.search(name) is None))
 
 
 def check_token(given: str | None, expected: str | None) -> None:
@@ -203,12 +218,11 @@ class HotloadPlan:
 
     @contextmanager
     def weights(self) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
-        """(name, tensor) pairs in layer order, each once it holds its new bytes; tensors view
-        the host bytes (read-only). A thread of its own applies the delta in that order
-        meanwhile: vLLM's reload runs on the worker's one core, the apply on the others (the
-        bytes of the first layers are ready while the engine loads them, the rest follow).
-        On exit every tensor is applied, or the error of the apply is raised."""
-        with _BackgroundApply(self.pending, self.reload_names) as applying:
+        """(name, tensor) pairs in ``reload_order``, each once it holds its new bytes; tensors
+        view the host bytes (read-only). A thread of its own applies the delta in that order
+        meanwhile: vLLM's reload runs on the worker's one core, the apply beside it. On exit
+        every tensor is applied, or the error of the apply is raised."""
+        with _BackgroundApply(self.pending, reload_order(self.reload_names)) as applying:
             yield applying.weights()
 
 
