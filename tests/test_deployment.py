@@ -365,6 +365,8 @@ def test_worker_base_then_delta_reloads_whole_changed_layers(chain: dict[str, An
     status = worker.asyncrl_status()
     assert (status["identity"], status["kind"], status["hotloads"]) == (
         chain["delta"].snapshot_identity, "delta", 2)
+    timings = status["last_hotload"]
+    assert 0 <= timings["apply_wait_s"] <= timings["reload_s"] == reply["reload_s"]
 
 
 class _RecordingQuantMethod:

@@ -217,13 +217,14 @@ class HotloadPlan:
         return self.loaded.manifest.kind
 
     @contextmanager
-    def weights(self) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
-        """(name, tensor) pairs in ``reload_order``, each once it holds its new bytes; tensors
-        view the host bytes (read-only). A thread of its own applies the delta in that order
-        meanwhile: vLLM's reload runs on the worker's one core, the apply beside it. On exit
-        every tensor is applied, or the error of the apply is raised."""
+    def applying(self) -> Iterator[_BackgroundApply]:
+        """Apply the delta on a thread of its own while the engine reloads: ``weights()`` of
+        the value yields (name, tensor) pairs in ``reload_order``, each once it holds its new
+        bytes (tensors view the host bytes, read-only). vLLM's reload runs on the worker's one
+        core, the apply beside it. On exit every tensor is applied, or the error of the apply
+        is raised."""
         with _BackgroundApply(self.pending, reload_order(self.reload_names)) as applying:
-            yield applying.weights()
+            yield applying
 
 
 class WorkerHotloadState:
@@ -234,7 +235,9 @@ class WorkerHotloadState:
         self.kind: str | None = None
         self.loaded_at: float | None = None
         self.hotloads = 0
-        self.last_timings: dict[str, float] = {}  # of the last hotload: verify_s, reload_s
+        # of the last hotload: verify_s, reload_s and apply_wait_s (the part of reload_s that
+        # vLLM's reload waited for the background apply)
+        self.last_timings: dict[str, float] = {}
 
     @property
     def identity(self) -> str | None:
@@ -250,7 +253,7 @@ class WorkerHotloadState:
     ) -> HotloadPlan:
         """Check and load everything; touches no engine. Raises the error to report (the held
         snapshot is then unchanged). On success the held snapshot's bytes ARE the plan's (a
-        delta is applied to them in place by ``plan.weights``): ``commit`` or ``invalidate``
+        delta is applied to them in place by ``plan.applying``): ``commit`` or ``invalidate``
         must follow."""
         from asyncrl.sync.snapshot import changed_layer_groups, prepare_snapshot, read_manifest
 
@@ -350,8 +353,8 @@ class AsyncRLWorkerExtension:
         verified = time.perf_counter()
         state.last_timings = {"verify_s": verified - start, "decode_threads": float(threads or 1)}
         try:
-            with plan.weights() as weights:
-                self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+            with plan.applying() as applying:
+                self.reload_weights(weights_iterator=applying.weights())  # type: ignore[attr-defined]
             _refresh_tied_lm_head(self, plan.reload_names)
         except Exception as exc:
             state.invalidate()
@@ -360,6 +363,7 @@ class AsyncRLWorkerExtension:
         state.commit(plan)
         done = time.perf_counter()
         state.last_timings["reload_s"] = done - verified
+        state.last_timings["apply_wait_s"] = applying.waited_s
         reply = {
             "ok": True,
             "identity": plan.identity,
@@ -368,6 +372,7 @@ class AsyncRLWorkerExtension:
             "reloaded_tensors": len(plan.reload_names),
             "verify_s": verified - start,
             "reload_s": done - verified,
+            "apply_wait_s": applying.waited_s,
             "rank": getattr(self, "rank", 0),
         }
         _log.info("hotload.done", **reply)
@@ -430,6 +435,7 @@ class _BackgroundApply:
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="asyncrl-apply", daemon=True)
+        self.waited_s = 0.0  # how long the consumer of weights() waited for the apply
 
     def __enter__(self) -> _BackgroundApply:
         if self._ready:
@@ -466,7 +472,9 @@ class _BackgroundApply:
         for name, tensor in to_torch(self._pending.loaded.snapshot, self._names).items():
             ready = self._ready.get(name)
             if ready is not None:
+                start = time.perf_counter()
                 ready.wait()
+                self.waited_s += time.perf_counter() - start
                 if self._error is not None:
                     raise self._error
             yield name, tensor
