@@ -13,6 +13,9 @@ Invariants:
   checksums, delta chain) BEFORE the engine is touched; a rejected request leaves the worker
   serving its previous identity and is answered ``{"ok": false, "error_type": ...,
   "engine_touched": false}``.
+- The verification builds a delta's new bytes in scratch and writes nothing; only then is the
+  delta applied to the held bytes, on a thread beside vLLM's reload, each tensor before the
+  reload is handed it (``HotloadPlan.applying``).
 - Only whole decoder layers are reloaded (vLLM fuses q/k/v and gate/up; reloading part of a
   fused module silently corrupts the model). A base reloads every tensor.
 - If ``reload_weights`` itself fails the engine state is unknown: the worker forgets its
@@ -199,7 +202,7 @@ def error_reply(exc: BaseException, *, engine_touched: bool) -> dict[str, Any]:
 @dataclass(frozen=True)
 class HotloadPlan:
     """A verified snapshot and the tensor names to push into the engine. A delta's new bytes
-    are still to be written into the held ones (``pending``): ``weights`` does that."""
+    are still to be written into the held ones (``pending``): ``applying`` does that."""
 
     pending: PendingSnapshot
     reload_names: tuple[str, ...]
@@ -269,7 +272,7 @@ class WorkerHotloadState:
         names = [entry.name for entry in manifest.tensors]
         if manifest.kind == "delta":
             names = changed_layer_groups(manifest.changed, names)
-        # verified whole, nothing written yet; the plan's weights() turns the held bytes
+        # verified whole, nothing written yet; the plan's applying() turns the held bytes
         pending = prepare_snapshot(path, self.snapshot, workers=workers, manifest=manifest)
         identity = pending.loaded.snapshot.identity
         if identity != request.snapshot_identity:  # pragma: no cover - checked in prepare
