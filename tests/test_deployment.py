@@ -512,6 +512,15 @@ def test_reload_order_puts_the_decoder_layers_first() -> None:
         "model.norm.weight")
 
 
+def test_the_background_apply_runs_off_the_engine_threads_cores() -> None:
+    from asyncrl.sync.worker_extension import _every_cpu, _other_cpus
+
+    assert _other_cpus({0}, {0, 1}) == {1}  # vLLM-CPU on 2 cores: the engine thread has core 0
+    assert _other_cpus({2, 3}, {0, 1, 2, 3}) == {0, 1}
+    assert _other_cpus({0, 1}, {0, 1}) == {0, 1}  # not pinned: anywhere
+    assert _every_cpu({0}, {0, 1}) == {0, 1}
+
+
 def test_worker_hands_the_engine_its_tensors_in_reload_order(chain: dict[str, Any]) -> None:
     worker = FakeWorker()
     assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
