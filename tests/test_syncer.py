@@ -200,3 +200,32 @@ async def test_one_side_export_does_not_break_the_delta_chain(client: TrainingCl
     client.save_weights_for_sampler_ext("final-base", "base").result()
     assert await syncer.save_and_hotload("s1") == "s1"
     assert syncer.delta_fallbacks == 0 and mgr.loaded[-1][0] == "delta"
+
+
+def test_a_save_drops_what_it_will_not_keep_before_writing(
+    client: TrainingClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peak memory: while delta N+1 is written only N (what it is computed against) and the
+    newest snapshot are held, so the buffers of N-1 are free for N+1's bytes."""
+    held_during_write: list[set[str]] = []
+    write = client._write_snapshot
+
+    def recording(*args: Any) -> Any:
+        held_during_write.append(set(client._host_snapshots))
+        return write(*args)
+
+    monkeypatch.setattr(client, "_write_snapshot", recording)
+    ids = []
+    for i in range(3):
+        train_step(client, i + 1)
+        kind = "base" if i == 0 else "delta"
+        ids.append(client.save_weights_for_sampler_ext(f"s{i}", kind).result().snapshot_identity)
+    assert held_during_write == [set(), {ids[0]}, {ids[1]}]
+    assert set(client._host_snapshots) == {ids[1], ids[2]}
+    # a side export keeps the chain's head: the next delta is still computed against it
+    export = client.save_weights_for_sampler_ext("export", "base").result().snapshot_identity
+    assert held_during_write[-1] == {ids[2]}
+    result = client.save_weights_for_sampler_ext(
+        "s3", "delta", previous_snapshot_identity=ids[2]).result()
+    assert held_during_write[-1] == {ids[2], export}
+    assert result.previous_snapshot_identity == ids[2]

@@ -505,6 +505,9 @@ class TrainingClient:
                 )
         else:
             previous = None
+        # what _remember would drop after this write goes now: its buffers are then reused for
+        # the new snapshot's bytes instead of fresh memory (one copy of the model less)
+        self._keep_only(previous, source, self._last_identity)
         try:
             host = self._write_snapshot(name, kind, tensors, previous)
         except OSError as exc:  # snapshot.py removed its temp dir: nothing looks valid
@@ -544,13 +547,18 @@ class TrainingClient:
             self.sampler_root, name, tensors, self._host_snapshots[previous], dtype=dtype
         )[1]
 
+    def _keep_only(self, *identities: str | None) -> None:
+        """Drop the host bytes of every snapshot but these (freed buffers are reused)."""
+        self._host_snapshots = {
+            k: v for k, v in self._host_snapshots.items() if k in identities
+        }
+
     def _remember(self, host: Any, keep: str | None) -> None:
         """Keep the new snapshot's host bytes, the one it was based on, and the most recent
         one before it (a side export, e.g. a promotable base, must not evict what the weight
         syncer's next delta is computed against); drop the rest."""
-        kept = {k: v for k, v in self._host_snapshots.items() if k in (keep, self._last_identity)}
-        kept[host.identity] = host
-        self._host_snapshots = kept
+        self._keep_only(keep, self._last_identity)
+        self._host_snapshots[host.identity] = host
         self._last_identity = host.identity
 
     def export_hf(self, out_dir: str | Path, *, dtype: str = "bfloat16") -> TrainFuture[Path]:
