@@ -315,27 +315,29 @@ static inline uint32_t planed_at(const uint8_t *planes, int width, Py_ssize_t co
     return v;
 }
 
-static void scatter(uint16_t *t, const uint8_t *g, int width, const uint8_t *v, Py_ssize_t count)
+/* target[pos_k] ^= value_k; inline, so each call below with a literal width is its own loop
+ * with the plane reads unrolled. */
+static inline void scatter_width(uint16_t *t, const uint8_t *g, int width, const uint8_t *v,
+                                 Py_ssize_t count)
 {
     Py_ssize_t pos = -1;
-    switch (width) { /* one loop per width: the plane reads then inline */
+    for (Py_ssize_t k = 0; k < count; k++) {
+        pos += (Py_ssize_t)planed_at(g, width, count, k) + 1;
+        t[pos] ^= (uint16_t)(v[k] | v[count + k] << 8);
+    }
+}
+
+static void scatter(uint16_t *t, const uint8_t *g, int width, const uint8_t *v, Py_ssize_t count)
+{
+    switch (width) {
     case 1:
-        for (Py_ssize_t k = 0; k < count; k++) {
-            pos += (Py_ssize_t)g[k] + 1;
-            t[pos] ^= (uint16_t)(v[k] | v[count + k] << 8);
-        }
+        scatter_width(t, g, 1, v, count);
         break;
     case 2:
-        for (Py_ssize_t k = 0; k < count; k++) {
-            pos += (Py_ssize_t)planed_at(g, 2, count, k) + 1;
-            t[pos] ^= (uint16_t)(v[k] | v[count + k] << 8);
-        }
+        scatter_width(t, g, 2, v, count);
         break;
     default:
-        for (Py_ssize_t k = 0; k < count; k++) {
-            pos += (Py_ssize_t)planed_at(g, 4, count, k) + 1;
-            t[pos] ^= (uint16_t)(v[k] | v[count + k] << 8);
-        }
+        scatter_width(t, g, 4, v, count);
     }
 }
 

@@ -515,11 +515,8 @@ def prepare_snapshot(
         previous.flags.writeable = False
         work[e.name] = (blobs[e.name], previous,
                         previous if writable else _BUFFERS.take(previous.nbytes))
-    raw = {e.name: current.tensors[e.name]._replace(data=work[e.name][2]) if e.name in work
-           else current.tensors[e.name] for e in manifest.tensors}
-    snapshot = _host_snapshot(raw, {e.name: e.checksum for e in manifest.tensors})
-    if snapshot.identity != manifest.snapshot_identity:  # pragma: no cover - checked above
-        raise ChecksumError(f"{path}: result identity {snapshot.identity} != manifest")
+    snapshot = _delta_snapshot(path, manifest, current,
+                               {name: target for name, (_, _, target) in work.items()})
     return PendingSnapshot(LoadedSnapshot(manifest, snapshot, changed), work)
 
 
@@ -1297,11 +1294,19 @@ def _load_delta(
     results = _parallel_map(decode, changed, workers,
                             cost=lambda e: current.tensors[e.name].data.nbytes)
     _raise_if_mismatched(path, changed, [digest for _, digest in results])
-    decoded = {e.name: current.tensors[e.name]._replace(data=out)
-               for e, (out, _) in zip(changed, results, strict=True)}
-    raw = {e.name: decoded.get(e.name, current.tensors[e.name]) for e in manifest.tensors}
+    return _delta_snapshot(path, manifest, current,
+                           {e.name: out for e, (out, _) in zip(changed, results, strict=True)})
+
+
+def _delta_snapshot(
+    path: Path, manifest: SnapshotManifest, current: HostSnapshot, new: Mapping[str, np.ndarray]
+) -> HostSnapshot:
+    """The snapshot a delta makes of ``current``: the changed tensors' bytes in ``new``, the
+    others shared with ``current``, named by the manifest's checksums."""
+    raw = {e.name: current.tensors[e.name]._replace(data=new[e.name]) if e.name in new
+           else current.tensors[e.name] for e in manifest.tensors}
     snapshot = _host_snapshot(raw, {e.name: e.checksum for e in manifest.tensors})
-    if snapshot.identity != manifest.snapshot_identity:  # pragma: no cover - checked above
+    if snapshot.identity != manifest.snapshot_identity:  # pragma: no cover - checked on read
         raise ChecksumError(f"{path}: result identity {snapshot.identity} != manifest")
     return snapshot
 

@@ -506,7 +506,9 @@ class TrainingClient:
         else:
             previous = None
         # what _remember would drop after this write goes now: its buffers are then reused for
-        # the new snapshot's bytes instead of fresh memory (one copy of the model less)
+        # the new snapshot's bytes instead of fresh memory (one copy of the model less). If the
+        # write fails they stay dropped: a later delta on one of them is a DeltaChainError (the
+        # weight syncer then sends a base)
         self._keep_only(previous, source, self._last_identity)
         try:
             host = self._write_snapshot(name, kind, tensors, previous)
