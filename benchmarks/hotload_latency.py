@@ -6,7 +6,8 @@ For each model preset (``tiny``, ``qwen2-0.5b-shape``) one run, on one server:
 2. ``WeightSyncer.save_and_hotload`` a base, then for each lr (1e-6, 1e-5) and each of
    ``--steps`` steps: one weight update, then
    - a DELTA sync against the served snapshot (XOR, then per 4 MiB chunk a filter: changed
-     positions as gaps + byte-planed values below 50% changed, byte planes above; zstd),
+     positions as gaps + byte-planed values below 1/8 changed, packed gap/value codes from 1/8
+     to 1/2 (2-byte dtypes), byte planes above; zstd),
    - a host-side decode of that delta (``apply_snapshot``) and a naive XOR+zstd encoding of
      the same changed tensors WITHOUT the shuffle (``encode_naive_delta``; bytes only),
    - a full BASE sync of the same weights (what "a base every step" costs),

@@ -481,6 +481,19 @@ def test_unsupported_format_version_is_refused(chain: Chain) -> None:
         read_manifest(root / "b0")
 
 
+def test_snapshots_of_the_previous_format_version_still_load(chain: Chain) -> None:
+    # v4 only added a chunk filter: what v3 wrote is still read (a chain of v3 snapshots on
+    # disk keeps working after an upgrade)
+    root, _, host0, w1 = chain
+    assert snap.FORMAT_VERSION == 4 and 3 in snap.READABLE_FORMAT_VERSIONS
+    for name in ("b0", "d1"):
+        edit_manifest(root / name, lambda o: o.update(format_version=3))
+        assert read_manifest(root / name).format_version == 3
+    base = apply_snapshot(root / "b0", None).snapshot
+    assert base.identity == host0.identity
+    assert_same_bytes(to_torch(apply_snapshot(root / "d1", base).snapshot), w1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Atomic writes, names, temp dirs
 

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 from asyncrl.errors import ChecksumError
 from asyncrl.sync import snapshot as snap
@@ -105,6 +106,70 @@ def test_small_bf16_step_compresses_much_better_than_naive_xor() -> None:
     blob = round_trip(prev, cur, 2)
     assert blob is not None
     assert len(blob) < 0.7 * len(snap.encode_naive_delta(prev, cur))
+
+
+def frame_filters(blob: bytes, n: int, itemsize: int) -> list[int]:
+    """The filter byte of each stored chunk of a blob."""
+    dctx = zstandard.ZstdDecompressor()
+    return [dctx.decompress(frame)[0] for _, _, frame in
+            snap._blob_frames(memoryview(blob), n, itemsize) if len(frame)]
+
+
+def bf16_step(n: int, lr: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 bytes of weights ~N(0, 0.02) before and after a sign step of ``lr``: at 1e-6 a few %
+    of the elements change, at 1e-5 about a quarter, mostly by one unit in the last place."""
+    g = torch.Generator().manual_seed(seed)
+    before = torch.randn(n, generator=g) * 0.02
+    after = before + lr * torch.sign(torch.randn(n, generator=g))
+    return (before.bfloat16().view(torch.uint8).numpy().copy(),
+            after.bfloat16().view(torch.uint8).numpy().copy())
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_dense_small_steps_store_packed_codes(monkeypatch: pytest.MonkeyPatch,
+                                              kernel: bool) -> None:
+    if not kernel:
+        monkeypatch.setattr(snap, "_xorkernel", None)
+    n = 300_001
+    prev, cur = bf16_step(n, 1e-5)
+    changed = np.count_nonzero(prev.view(np.uint16) != cur.view(np.uint16))
+    assert 0.15 < changed / n < 0.4
+    blob = round_trip(prev, cur, 2)
+    assert blob is not None and set(frame_filters(blob, n, 2)) == {snap._FILTER_CODES}
+    # the same chunks as gap + value planes: the codes are smaller (and zstd sees 2.4x fewer
+    # bytes, which is where the time goes)
+    monkeypatch.setattr(snap, "CODES_MIN_DENSITY", 1.0)
+    planes = snap.encode_tensor_delta(prev, cur, 2)
+    assert planes is not None and set(frame_filters(planes, n, 2)) == {snap._FILTER_SPARSE}
+    assert len(blob) < len(planes)
+    # sparse steps keep the planes
+    monkeypatch.undo()
+    if not kernel:
+        monkeypatch.setattr(snap, "_xorkernel", None)
+    prev, cur = bf16_step(n, 1e-6)
+    sparse = round_trip(prev, cur, 2)
+    assert sparse is not None and set(frame_filters(sparse, n, 2)) == {snap._FILTER_SPARSE}
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_packed_codes_escape_long_gaps_and_big_values(monkeypatch: pytest.MonkeyPatch,
+                                                      kernel: bool) -> None:
+    if not kernel:
+        monkeypatch.setattr(snap, "_xorkernel", None)
+    n = 80_000
+    # gaps 0, 0, 13, 15, 15, 0, 255, 0, then 67_694 (4 bytes), then a run dense enough for
+    # codes (15% of the chunk changed), then 0; diffs on both sides of 16
+    positions = [0, 1, 15, 31, 47, 48, 304, 305, *range(68_000, 79_999), n - 1]
+    diffs = [1, 15, 16, 0xFFFF, 255, 256, 3, 0x8000]
+    values = np.array(diffs + [1 + k % 40 for k in range(len(positions) - len(diffs))],
+                      np.uint16)
+    prev = np.random.default_rng(0).integers(0, 1 << 16, n, dtype=np.uint16)
+    cur = prev.copy()
+    cur[positions] ^= values
+    blob = round_trip(prev.view(np.uint8), cur.view(np.uint8), 2)
+    assert blob is not None and frame_filters(blob, n, 2) == [snap._FILTER_CODES]
+    gaps = snap._encode_gaps(np.array(positions))
+    assert gaps.itemsize == 4 and int(gaps.max()) > 65_535  # a 4-byte long gap
 
 
 def corrupt(blob: bytes, at: int, value: bytes) -> bytes:

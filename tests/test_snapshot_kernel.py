@@ -33,11 +33,12 @@ def specials() -> torch.Tensor:
     return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
 
 
-def masters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 weights before / after a small step (a few % of their bf16 values change)."""
+def masters(n: int, seed: int, lr: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 weights before / after a small step (at lr 1e-6 a few % of their bf16 values
+    change, at 1e-5 about a quarter)."""
     g = torch.Generator().manual_seed(seed)
     before = torch.randn(n, generator=g) * 0.02
-    after = before + 1e-6 * torch.sign(torch.randn(n, generator=g))
+    after = before + lr * torch.sign(torch.randn(n, generator=g))
     k = min(n, specials().numel())
     before[:k], after[:k] = specials()[:k], specials().flip(0)[:k]
     return before, after
@@ -57,12 +58,12 @@ def encode_both(
 
 
 @pytest.mark.parametrize("n", [1, 31, 64, 4099, 70_001])
-@pytest.mark.parametrize("step", ["small", "dense", "none", "dense-then-small"])
+@pytest.mark.parametrize("step", ["small", "dense", "none", "dense-then-small", "codes"])
 def test_fp32_to_bf16_blobs_equal_the_numpy_path(
     monkeypatch: pytest.MonkeyPatch, n: int, step: str
 ) -> None:
     monkeypatch.setattr(snap, "CHUNK_BYTES", 8192)  # several chunks, a partial last one
-    before, after = masters(n, seed=n)
+    before, after = masters(n, seed=n, lr=1e-5 if step == "codes" else 1e-6)
     if step == "dense":
         after = torch.randn(n) * 0.02
     elif step == "none":
@@ -237,3 +238,130 @@ def test_a_corrupt_sparse_chunk_raises_checksum_error_through_the_decoder() -> N
         snap._xor_chunk(frames[0][2], short.view(np.uint16), 2, zstandard.ZstdDecompressor(),
                         scratch)
     assert not short.any()
+
+
+def codes_payload(gaps: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """What the numpy path stores after a packed-codes frame's header."""
+    frame = snap._codes_frame(gaps, values, snap._compressor(1))
+    content = zstandard.ZstdDecompressor().decompress(frame)
+    return np.frombuffer(content, np.uint8)[snap._CODES_HEADER.size:]
+
+
+@pytest.mark.parametrize("largest", [0, 14, 15, 255, 256, 65_535, 65_536, 2**32 - 1])
+def test_sparse_codes_equal_the_numpy_path(largest: int) -> None:
+    rng = np.random.default_rng(largest)
+    gaps = rng.integers(0, 20, 2_001, dtype=np.uint32)
+    gaps[::7] = rng.integers(0, largest + 1, gaps[::7].size, dtype=np.uint64).astype(np.uint32)
+    gaps[1000] = largest
+    values = rng.integers(1, 40, gaps.size, dtype=np.uint16)
+    values[::11] = rng.integers(1, 1 << 16, values[::11].size, dtype=np.uint16)
+    values[3], values[5] = 15, 16
+    count = gaps.size - 1  # all but the last
+    out = np.full(7 * gaps.size + 9, 0xAB, np.uint8)
+    longs, bigs, width = kernel.sparse_codes16(gaps.copy(), values.copy(), count, out)
+    assert (longs, bigs) == (np.count_nonzero(gaps[:count] >= 15),
+                             np.count_nonzero(values[:count] >= 16))
+    want = codes_payload(snap._narrow_gaps(gaps[:count]), values[:count])
+    assert width == (4 if largest >= 65_536 else 2 if largest >= 256 else 1)
+    end = count + longs * width + 2 * bigs
+    assert np.array_equal(out[:end], want)
+    assert (out[end:] == 0xAB).all()
+    with pytest.raises(ValueError, match="fewer"):
+        kernel.sparse_codes16(gaps, values, gaps.size, out[: 7 * gaps.size - 1])
+    with pytest.raises(TypeError):  # gaps and values are its scratch: they must be writable
+        kernel.sparse_codes16(gaps.copy().data.toreadonly(), values, count, out)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("with_source", [False, True])
+def test_codes_scatter_like_the_numpy_path(width: int, with_source: bool) -> None:
+    rng = np.random.default_rng(10 + width)
+    n = 300_000
+    positions = np.sort(rng.choice(n, 60_000, replace=False))
+    positions[-1] = n - 1
+    if width > 1:  # one long gap of this width
+        cut = 256 if width == 2 else 70_000
+        positions = np.union1d([0], positions[positions > cut])
+    gaps = snap._narrow_gaps(np.diff(positions, prepend=-1) - 1)
+    values = rng.integers(1, 24, positions.size, dtype=np.uint16)
+    values[::97] = rng.integers(1, 1 << 16, values[::97].size, dtype=np.uint16)
+    payload = codes_payload(gaps, values)
+    longs, bigs = int(np.count_nonzero(gaps >= 15)), int(np.count_nonzero(values >= 16))
+    assert payload.size == positions.size + longs * width + 2 * bigs
+    source = rng.integers(0, 1 << 16, n, dtype=np.uint16)
+    expected = source.copy()
+    expected[positions] ^= values
+    target = np.zeros(n, np.uint16) if with_source else source.copy()
+    kernel.xor_codes16(target, payload, positions.size, longs, bigs, width,
+                       *((source,) if with_source else ()))
+    assert np.array_equal(target, expected)
+    assert not with_source or not np.array_equal(source, expected)  # the source is not written
+
+
+def test_codes_that_do_not_add_up_leave_the_target_untouched() -> None:
+    gaps = np.array([0, 20, 3, 1], np.uint8)  # positions 0, 21, 25, 27
+    values = np.array([5, 300, 7, 9], np.uint16)
+    payload = codes_payload(gaps, values)  # 4 codes, 1 long gap (20), 1 big value (300)
+    codes, long_gap, big_value = payload[:4], payload[4:5], payload[5:7]
+    source = np.full(30, 9, np.uint16)
+    cases = {  # (payload, long gaps, big values) that the codes do not use exactly
+        "a long gap missing": (np.concatenate([codes, big_value]), 0, 1),
+        "a long gap left over": (np.concatenate([codes, long_gap, long_gap, big_value]), 2, 1),
+        "a big value missing": (np.concatenate([codes, long_gap]), 1, 0),
+        "a big value left over": (np.concatenate([codes, long_gap, big_value, big_value]), 1, 2),
+    }
+    for with_source in (False, True):
+        extra = (source[:28],) if with_source else ()
+        for what, (body, longs, bigs) in cases.items():
+            target = np.arange(28, dtype=np.uint16)
+            with pytest.raises(ValueError, match="exactly"):
+                kernel.xor_codes16(target, body, 4, longs, bigs, 1, *extra)
+                pytest.fail(what)
+            assert np.array_equal(target, np.arange(28, dtype=np.uint16)), what
+        short = np.arange(27, dtype=np.uint16)  # position 27 is past its end
+        with pytest.raises(ValueError, match="past"):
+            kernel.xor_codes16(short, payload, 4, 1, 1, 1, *((source[:27],) if with_source
+                                                             else ()))
+        assert np.array_equal(short, np.arange(27, dtype=np.uint16))
+    target = np.arange(28, dtype=np.uint16)
+    kernel.xor_codes16(target, payload, 4, 1, 1, 1)
+    expected = np.arange(28, dtype=np.uint16)
+    expected[[0, 21, 25, 27]] ^= values
+    assert np.array_equal(target, expected)
+    with pytest.raises(ValueError, match="payload"):
+        kernel.xor_codes16(np.zeros(30, np.uint16), payload[:-1], 4, 1, 1, 1)
+    with pytest.raises(ValueError, match="payload"):
+        kernel.xor_codes16(np.zeros(30, np.uint16), payload, 4, 1, 1, 3)
+    with pytest.raises(ValueError, match="payload"):  # counts no payload can hold
+        kernel.xor_codes16(np.zeros(30, np.uint16), payload, 2**62, 2**62, 2**62, 4)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_a_corrupt_codes_chunk_raises_checksum_error_through_the_decoder(
+    monkeypatch: pytest.MonkeyPatch, use_kernel: bool
+) -> None:
+    if not use_kernel:
+        monkeypatch.setattr(snap, "_xorkernel", None)
+    gaps = np.array([0, 20, 3, 1], np.uint8)
+    values = np.array([5, 300, 7, 9], np.uint16)
+    content = bytearray(zstandard.ZstdDecompressor().decompress(
+        snap._codes_frame(gaps, values, snap._compressor(1))))
+    compress = snap._compressor(1).compress
+    decompressor, scratch = zstandard.ZstdDecompressor(), np.empty(60, np.uint8)
+    target = np.arange(28, dtype=np.uint16)
+    snap._xor_chunk(memoryview(compress(bytes(content))), target.copy(), 2, decompressor, scratch)
+    head = snap._CODES_HEADER.size
+    swapped = bytearray(content)
+    swapped[head + 1] = 0x31  # the long-gap code now says gap 3, value 1: one long gap unused
+    bad = {"unused escape": bytes(swapped),
+           "header counts": bytes(content[:5]) + (2).to_bytes(4, "little") + bytes(content[9:]),
+           "width": bytes(content[: head - 1]) + b"\x03" + bytes(content[head:])}
+    for what, data in bad.items():
+        held = target.copy()
+        with pytest.raises(ChecksumError):
+            snap._xor_chunk(memoryview(compress(data)), held, 2, decompressor, scratch)
+            pytest.fail(what)
+        assert np.array_equal(held, target), what
+    with pytest.raises(ChecksumError, match="past"):
+        snap._xor_chunk(memoryview(compress(bytes(content))), target[:27].copy(), 2,
+                        decompressor, scratch)

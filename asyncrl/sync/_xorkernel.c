@@ -27,12 +27,24 @@
  *       which then stays in cache for the scatter). ValueError (target untouched) when a
  *       position falls past the end of target.
  *
+ *   sparse_codes16(gaps, values, count, out) -> (long_gaps, big_values, width)
+ *       the payload of a dense-ish sparse frame: one code byte per changed element, its gap in
+ *       the high nibble (15: the gap is among the ``long_gaps`` that follow) and its value in
+ *       the low one (0: the value is among the ``big_values``), then the byte planes of the
+ *       long gaps (narrowed to ``width`` bytes) and the two byte planes of the big values;
+ *       written to ``out`` (at least 7 * count bytes). gaps and values are scratch: the long
+ *       gaps and big values are gathered to their fronts.
+ *   xor_codes16(target, payload, count, long_gaps, big_values, width, source=None) -> None
+ *       the inverse, like xor_scatter16. ValueError (target untouched) when a position falls
+ *       past the end or the codes do not use exactly the long gaps and big values given.
+ *
  * Buffers are anything with the buffer protocol (numpy arrays); the GIL is released while a
  * loop runs, so the encoder's threads (one per core) run in parallel.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__SSE2__)
@@ -385,6 +397,16 @@ static PyObject *xor_scatter16(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The ``width`` low byte planes of ``count`` integers (plane b: byte b of each, in order). */
+static void planes_of(uint8_t *to, const uint32_t *from, Py_ssize_t count, int width)
+{
+    for (int b = 0; b < width; b++) {
+        for (Py_ssize_t k = 0; k < count; k++) {
+            to[b * count + k] = (uint8_t)(from[k] >> (8 * b));
+        }
+    }
+}
+
 /* A sparse chunk's payload as stored: the byte planes of the gaps, narrowed to the fewest bytes
  * (1, 2 or 4) that hold the largest, then the two byte planes of the values. */
 static PyObject *sparse_planes16(PyObject *self, PyObject *args)
@@ -407,11 +429,7 @@ static PyObject *sparse_planes16(PyObject *self, PyObject *args)
             largest = g[k] > largest ? g[k] : largest;
         }
         width = largest >> 16 ? 4 : largest >> 8 ? 2 : 1;
-        for (int b = 0; b < width; b++) {
-            for (Py_ssize_t k = 0; k < count; k++) {
-                o[b * count + k] = (uint8_t)(g[k] >> (8 * b));
-            }
-        }
+        planes_of(o, g, count, width);
         o += width * count;
         for (Py_ssize_t k = 0; k < count; k++) {
             o[k] = (uint8_t)v[k];
@@ -429,6 +447,170 @@ static PyObject *sparse_planes16(PyObject *self, PyObject *args)
     return PyLong_FromLong(width);
 }
 
+/* Packed codes: one byte per changed element, gap (0-14, 15 = long) << 4 | value (1-15, 0 =
+ * big). Long gaps and big values follow as byte planes, in the order of their codes. */
+#define CODE_LONG 15
+
+static PyObject *sparse_codes16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer gaps, values, out;
+    Py_ssize_t count, longs = 0, bigs = 0;
+    if (!PyArg_ParseTuple(args, "w*w*nw*", &gaps, &values, &count, &out)) {
+        return NULL;
+    }
+    int ok = count >= 0 && gaps.len >= count * 4 && values.len >= count * 2 &&
+             out.len >= count * 7, width = 1;
+    if (ok) {
+        uint32_t *g = gaps.buf;
+        uint16_t *v = values.buf;
+        uint8_t *o = out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        uint32_t largest = 0;
+        /* no branches: the long gaps and big values are gathered to the fronts of the input
+         * arrays (slot longs / bigs <= k was read already) */
+        for (Py_ssize_t k = 0; k < count; k++) {
+            uint32_t gap = g[k], value = v[k];
+            uint32_t is_long = gap >= CODE_LONG, is_big = value >= 16;
+            o[k] = (uint8_t)((is_long ? CODE_LONG : gap) << 4 | (is_big ? 0 : value));
+            g[longs] = gap;
+            longs += is_long;
+            v[bigs] = (uint16_t)value;
+            bigs += is_big;
+            largest = is_long && gap > largest ? gap : largest;
+        }
+        width = largest >> 16 ? 4 : largest >> 8 ? 2 : 1;
+        planes_of(o + count, g, longs, width);
+        uint8_t *bv = o + count + longs * width;
+        for (Py_ssize_t i = 0; i < bigs; i++) {
+            bv[i] = (uint8_t)v[i];
+            bv[bigs + i] = (uint8_t)(v[i] >> 8);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&gaps);
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&out);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "gaps, values or out hold fewer than count entries");
+        return NULL;
+    }
+    return Py_BuildValue("nni", longs, bigs, width);
+}
+
+/* The last position the codes reach (>= n when past the end), or -2 when they do not use
+ * exactly ``longs`` long gaps and ``bigs`` big values. Sums without an early exit (they cannot
+ * overflow: at most 15 per code and 2^32 per long gap), which the compiler vectorizes. */
+static Py_ssize_t codes_end(const uint8_t *c, Py_ssize_t count, const uint8_t *lg, int width,
+                            Py_ssize_t longs, Py_ssize_t bigs)
+{
+    uint64_t short_gaps = 0, long_gaps = 0;
+    Py_ssize_t long_codes = 0, big_codes = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        uint32_t gap = c[k] >> 4;
+        short_gaps += gap == CODE_LONG ? 0 : gap;
+        long_codes += gap == CODE_LONG;
+        big_codes += (c[k] & 15) == 0;
+    }
+    if (long_codes != longs || big_codes != bigs) {
+        return -2;
+    }
+    for (Py_ssize_t j = 0; j < longs; j++) {
+        long_gaps += planed_at(lg, width, longs, j);
+    }
+    return (Py_ssize_t)(short_gaps + long_gaps) + count - 1;
+}
+
+/* target[pos_k] ^= value_k in two passes: the codes' own values first, recording where the
+ * big values go (``at``, ``bigs`` entries), then those (no branch on the ~1 in 10 big values,
+ * which come at random). */
+static inline void codes_width(uint16_t *t, const uint8_t *c, Py_ssize_t count,
+                               const uint8_t *lg, int width, Py_ssize_t longs,
+                               const uint8_t *bv, Py_ssize_t bigs, Py_ssize_t *at)
+{
+    Py_ssize_t pos = -1, j = 0, i = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        uint32_t gap = c[k] >> 4, small = c[k] & 15;
+        if (gap == CODE_LONG) { /* rare: predicted */
+            gap = planed_at(lg, width, longs, j++);
+        }
+        pos += (Py_ssize_t)gap + 1;
+        t[pos] ^= (uint16_t)small;
+        at[i] = pos; /* at holds bigs + 1 entries: the last store of a run is overwritten */
+        i += small == 0;
+    }
+    for (i = 0; i < bigs; i++) {
+        t[at[i]] ^= (uint16_t)(bv[i] | bv[bigs + i] << 8);
+    }
+}
+
+static PyObject *xor_codes16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer target, payload, source = {0};
+    Py_ssize_t count, longs, bigs, n, end = -1;
+    int width;
+    if (!PyArg_ParseTuple(args, "w*y*nnni|y*", &target, &payload, &count, &longs, &bigs, &width,
+                          &source)) {
+        return NULL;
+    }
+    n = target.len / 2;
+    int ok = (width == 1 || width == 2 || width == 4) && count >= 0 && count <= payload.len &&
+             longs >= 0 && bigs >= 0 && longs <= count && bigs <= count && target.len % 2 == 0 &&
+             payload.len == count + longs * width + bigs * 2 &&
+             (source.buf == NULL || source.len == target.len);
+    if (ok) {
+        const uint8_t *c = payload.buf, *lg = c + count, *bv = lg + longs * width;
+        Py_ssize_t *at = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        end = codes_end(c, count, lg, width, longs, bigs); /* checked before any write */
+        if (end >= -1 && end < n && (at = malloc(sizeof(*at) * (size_t)(bigs + 1))) == NULL) {
+            end = -3;
+        }
+        if (end >= -1 && end < n) {
+            if (source.buf != NULL && source.buf != target.buf) {
+                memmove(target.buf, source.buf, (size_t)target.len);
+            }
+            switch (width) {
+            case 1:
+                codes_width(target.buf, c, count, lg, 1, longs, bv, bigs, at);
+                break;
+            case 2:
+                codes_width(target.buf, c, count, lg, 2, longs, bv, bigs, at);
+                break;
+            default:
+                codes_width(target.buf, c, count, lg, 4, longs, bv, bigs, at);
+            }
+        }
+        free(at);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&target);
+    PyBuffer_Release(&payload);
+    if (source.buf != NULL) {
+        PyBuffer_Release(&source);
+    }
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError,
+                        "payload must hold count codes, long_gaps gaps of width 1, 2 or 4 bytes "
+                        "and big_values 2-byte values; source (if given) the size of target");
+        return NULL;
+    }
+    if (end == -2) {
+        PyErr_SetString(PyExc_ValueError,
+                        "the codes do not use exactly the long gaps and big values given");
+        return NULL;
+    }
+    if (end == -3) {
+        return PyErr_NoMemory();
+    }
+    if (end >= n) {
+        PyErr_Format(PyExc_ValueError, "position %zd past the %zd elements", end, n);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"encode_f32_bf16", encode_f32_bf16, METH_VARARGS,
      "encode_f32_bf16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
@@ -436,6 +618,10 @@ static PyMethodDef methods[] = {
      "encode_copy16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
     {"sparse_planes16", sparse_planes16, METH_VARARGS,
      "sparse_planes16(gaps, values, count, out) -> gap width"},
+    {"sparse_codes16", sparse_codes16, METH_VARARGS,
+     "sparse_codes16(gaps, values, count, out) -> (long_gaps, big_values, gap width)"},
+    {"xor_codes16", xor_codes16, METH_VARARGS,
+     "xor_codes16(target, payload, count, long_gaps, big_values, width, source=None)"},
     {"xor_scatter16", xor_scatter16, METH_VARARGS,
      "xor_scatter16(target, planes, count, width, source=None): target[positions] ^= values"},
     {NULL, NULL, 0, NULL},

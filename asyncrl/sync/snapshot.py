@@ -12,12 +12,20 @@ each, encoded and decoded while the chunk is in cache; an unchanged chunk has no
     blob  := "AXD3" u64 elements, u32 per_chunk, u32 chunks, u32 frame_length[chunks], frames
     frame := zstd(1 | byte_planes(diff))                         more than half changed
            | zstd(2 | u32 changed, u8 gap_width | byte_planes(gaps) | byte_planes(values))
+           | zstd(3 | u32 changed, u32 long_gaps, u32 big_values, u8 gap_width
+                    | codes | byte_planes(long gaps) | byte_planes(big values))
+                                      2-byte elements, 1/8 to 1/2 of them changed (format v4)
 ``byte_planes`` groups the k-th byte of every element together (``(n, itemsize) -> T``), which
 puts the mostly-unchanged exponent bytes of bf16/fp16/fp32 into long zero runs. ``gaps`` are
 the counts of unchanged elements before each changed one, as integers of 1, 2 or 4 bytes (the
 smallest that holds the largest gap); ``values`` are the changed elements of ``diff``. After a
 small step only a few % of the elements change (bf16 rounding), and these positions + values
-compress ~1.7x better than the zstd of the XOR itself.
+compress ~1.7x better than the zstd of the XOR itself. A step of a few units in the last place
+leaves most diffs below 16; where many elements changed (1/8 or more) most gaps are below 15
+too, and filter 3 packs both into one byte per element (``code = min(gap, 15) << 4 | (value if
+value < 16 else 0)``; a code's 15 / 0 nibble takes the next of the long gaps / big values that
+follow). zstd's entropy stage, most of a dense delta's cost, then sees ~1.3 bytes per changed
+element instead of 3.
 
 Chunks are 4 MiB: the encoder and decoder run one thread per core over the tensors, and with
 1 MiB chunks the many small numpy calls per chunk serialised the threads on the GIL (two
@@ -86,16 +94,18 @@ except ImportError:  # pragma: no cover - depends on the install
     _xorkernel = None  # type: ignore[assignment]
 
 FORMAT = "asyncrl-snapshot"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (3, 4)  # 4 added the packed-codes chunk (filter 3)
 MANIFEST_FILE = "snapshot.json"
 WEIGHTS_FILE = "model.safetensors"
 DELTA_FILE = "delta.bin"
 TEMP_PREFIX = ".tmp-"
 CHECKSUM_ALGORITHM = "xxh3-128"
 DEFAULT_ZSTD_LEVEL = 1
-DELTA_FILTER = "xor+chunks(sparse-gaps|byte-planes)"
+DELTA_FILTER = "xor+chunks(sparse-gaps|sparse-codes|byte-planes)"
 CHUNK_BYTES = 1 << 22  # raw bytes per delta chunk (one zstd frame); fits in L3
 SPARSE_MAX_DENSITY = 0.5  # a chunk with more changed elements is stored as byte planes
+CODES_MIN_DENSITY = 0.125  # a sparse 2-byte chunk with this many changed stores packed codes
 
 SnapshotKind = Literal["base", "delta"]
 
@@ -744,6 +754,10 @@ _BLOB_MAGIC = b"AXD3"
 _FILTER_PLANES = 1
 _FILTER_SPARSE = 2
 _SPARSE_HEADER = struct.Struct("<BIB")  # filter, changed elements, bytes per gap
+_FILTER_CODES = 3
+# filter, changed elements, long gaps, big values, bytes per long gap
+_CODES_HEADER = struct.Struct("<BIIIB")
+_CODE_LONG = 15  # a code's gap nibble when the gap is one of the long gaps that follow
 _GAP_WIDTHS = (1, 2, 4)
 _UINTS: dict[int, type[np.unsignedinteger[Any]]] = {
     1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64
@@ -809,7 +823,9 @@ class _ChunkEncoder:
             return _planes_frame(diff, self.compressor, self.planes)
         if positions.size == 0:
             return b""
-        return _sparse_frame(_encode_gaps(positions), diff[positions], self.compressor)
+        frame = _codes_frame if _packs_codes(positions.size, stop - start, self.itemsize) \
+            else _sparse_frame
+        return frame(_encode_gaps(positions), diff[positions], self.compressor)
 
 
 def _fused_chunk_encoder(
@@ -829,7 +845,7 @@ def _fused_chunk_encoder(
     cap = int(SPARSE_MAX_DENSITY * size)  # more changed: byte planes, like _changed_positions
     gaps = np.empty(cap + _xorkernel.SLACK, np.uint32)
     values = np.empty(cap + _xorkernel.SLACK, prev_e.dtype)
-    payload = np.empty(_SPARSE_HEADER.size + 6 * cap, np.uint8)  # a sparse frame's content
+    payload = np.empty(_CODES_HEADER.size + 7 * cap, np.uint8)  # a sparse frame's content
     compressor = _compressor(level)
     dense: tuple[np.ndarray, np.ndarray] | None = None  # diff + planes, made when first needed
 
@@ -846,6 +862,13 @@ def _fused_chunk_encoder(
             return _planes_frame(diff, compressor, dense[1])
         if changed == 0:
             return b""
+        if _packs_codes(changed, stop - start, 2):
+            head = _CODES_HEADER.size
+            longs, bigs, width = _xorkernel.sparse_codes16(gaps, values, changed, payload[head:])
+            _CODES_HEADER.pack_into(_buffer(payload), 0, _FILTER_CODES, changed, longs, bigs,
+                                    width)
+            end = head + changed + longs * width + 2 * bigs
+            return compressor.compress(_buffer(payload[:end]))
         head = _SPARSE_HEADER.size
         width = _xorkernel.sparse_planes16(gaps, values, changed, payload[head:])
         _SPARSE_HEADER.pack_into(_buffer(payload), 0, _FILTER_SPARSE, changed, width)
@@ -933,6 +956,37 @@ def _sparse_frame(
         head,
         _buffer(shuffle_bytes(gaps.view(np.uint8), gaps.itemsize)),
         _buffer(shuffle_bytes(values.view(np.uint8), values.itemsize)),
+    ]))
+
+
+def _packs_codes(changed: int, elements: int, itemsize: int) -> bool:
+    """Whether a sparse chunk of 2-byte elements stores packed codes (filter 3) rather than gap
+    and value planes (filter 2): when at least ``CODES_MIN_DENSITY`` of its elements changed,
+    most gaps are below 15 and most diffs below 16 (a step of a few units in the last place),
+    so one byte holds both for most elements and zstd's entropy stage sees 1.2-1.4 bytes per
+    changed element instead of 3 (0.5B shape at lr 1e-5: compress 0.42 -> 0.19 s and
+    decompress 0.34 -> 0.15 s of CPU per delta, 3% fewer bytes). Sparser chunks keep the
+    planes: their gaps are mostly long (at lr 1e-6 the codes were 6% larger)."""
+    return itemsize == 2 and changed >= CODES_MIN_DENSITY * elements
+
+
+def _codes_frame(
+    gaps: np.ndarray, values: np.ndarray, compressor: zstandard.ZstdCompressor
+) -> bytes:
+    """A sparse chunk of 2-byte elements as packed codes: per changed element one byte,
+    ``min(gap, 15) << 4 | (value if value < 16 else 0)``; then the gaps of 15 and more (byte
+    planes, narrowed) and the values of 16 and more (byte planes), in order."""
+    long, big = gaps >= _CODE_LONG, values >= 16
+    codes = (np.where(long, _CODE_LONG, gaps).astype(np.uint8) << 4) \
+        | np.where(big, 0, values).astype(np.uint8)
+    long_gaps, big_values = _narrow_gaps(gaps[long]), values[big]
+    head = _CODES_HEADER.pack(_FILTER_CODES, values.size, long_gaps.size, big_values.size,
+                              long_gaps.itemsize)
+    return compressor.compress(b"".join([
+        head,
+        _buffer(codes),
+        _buffer(shuffle_bytes(long_gaps.view(np.uint8), long_gaps.itemsize)),
+        _buffer(shuffle_bytes(big_values.view(np.uint8), big_values.itemsize)),
     ]))
 
 
@@ -1055,7 +1109,8 @@ def _xor_chunk(
     """XOR one chunk's diff into ``target``, or with ``source`` write ``source XOR diff`` to it;
     the frame is checked whole before ``target`` is written, so a ``ChecksumError`` leaves it
     unchanged."""
-    limit = _SPARSE_HEADER.size + target.size * (max(_GAP_WIDTHS) + itemsize) + 1
+    # the largest content a frame of this chunk can have (a code byte per element at most)
+    limit = _CODES_HEADER.size + target.size * (max(_GAP_WIDTHS) + itemsize + 1) + 1
     try:
         size = zstandard.frame_content_size(frame)
         if not 0 < size <= limit:
@@ -1066,6 +1121,9 @@ def _xor_chunk(
     if content[0] == _FILTER_PLANES and content.nbytes == target.nbytes + 1:
         diff = unshuffle_bytes(content[1:], itemsize, out=scratch[: target.nbytes])
         np.bitwise_xor(target if source is None else source, diff.view(target.dtype), out=target)
+        return
+    if content[0] == _FILTER_CODES and itemsize == 2:
+        _xor_codes(content, target, source)
         return
     if content[0] != _FILTER_SPARSE or content.nbytes < _SPARSE_HEADER.size:
         raise ChecksumError(f"delta chunk of {content.nbytes} bytes has an unknown layout "
@@ -1088,6 +1146,38 @@ def _xor_chunk(
     if source is not None:
         np.copyto(target, source)
     target[positions] ^= unshuffle_bytes(content[values_at:], itemsize).view(target.dtype)
+
+
+def _xor_codes(content: np.ndarray, target: np.ndarray, source: np.ndarray | None) -> None:
+    """``_xor_chunk`` of a packed-codes chunk (2-byte elements, see ``_codes_frame``)."""
+    if content.nbytes < _CODES_HEADER.size:
+        raise ChecksumError(f"delta chunk of {content.nbytes} bytes is too short for its header")
+    _, changed, longs, bigs, width = _CODES_HEADER.unpack_from(_buffer(content))
+    body = content[_CODES_HEADER.size:]
+    if (width not in _GAP_WIDTHS or changed > target.size or longs > changed or bigs > changed
+            or body.nbytes != changed + longs * width + 2 * bigs):
+        raise ChecksumError(f"delta chunk: {changed} codes, {longs} long gaps of {width} bytes "
+                            f"and {bigs} big values do not fill its {content.nbytes} bytes")
+    if _xorkernel is not None:
+        try:
+            _xorkernel.xor_codes16(target, body, changed, longs, bigs, width,
+                                   *(() if source is None else (source,)))
+        except ValueError as exc:
+            raise ChecksumError(f"delta chunk: {exc}") from exc
+        return
+    codes = body[:changed]
+    gaps, values = (codes >> 4).astype(np.uint32), (codes & 15).astype(np.uint16)
+    long, big = gaps == _CODE_LONG, values == 0
+    if np.count_nonzero(long) != longs or np.count_nonzero(big) != bigs:
+        raise ChecksumError("delta chunk: the codes do not use exactly the long gaps and big "
+                            "values given")
+    gaps[long] = unshuffle_bytes(body[changed : changed + longs * width], width).view(
+        _UINTS[width])
+    values[big] = unshuffle_bytes(body[changed + longs * width :], 2).view(np.uint16)
+    positions = _decode_gaps(gaps, target.size)
+    if source is not None:
+        np.copyto(target, source)
+    target[positions] ^= values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1124,7 +1214,8 @@ def _entry_to_json(entry: TensorEntry) -> dict[str, Any]:
 def _manifest_from_json(obj: dict[str, Any]) -> SnapshotManifest:
     _expect(obj.get("format") == FORMAT, f"format is {obj.get('format')!r}, expected {FORMAT!r}")
     version = obj["format_version"]
-    _expect(version == FORMAT_VERSION, f"format_version {version!r} (supported: {FORMAT_VERSION})")
+    _expect(version in READABLE_FORMAT_VERSIONS,
+            f"format_version {version!r} (supported: {READABLE_FORMAT_VERSIONS})")
     algorithm = obj["checksum_algorithm"]
     _expect(algorithm == CHECKSUM_ALGORITHM, f"checksum_algorithm {algorithm!r} unsupported")
     kind = obj["kind"]
@@ -1144,6 +1235,7 @@ def _manifest_from_json(obj: dict[str, Any]) -> SnapshotManifest:
         created_at=float(obj["created_at"]),
         tensors=entries,
         zstd_level=level,
+        format_version=version,
     )
 
 
