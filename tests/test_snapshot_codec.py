@@ -125,11 +125,16 @@ def bf16_step(n: int, lr: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
             after.bfloat16().view(torch.uint8).numpy().copy())
 
 
-@pytest.mark.parametrize("kernel", [True, False])
-def test_dense_small_steps_store_packed_codes(monkeypatch: pytest.MonkeyPatch,
-                                              kernel: bool) -> None:
-    if not kernel:
+@pytest.fixture(params=["kernel", "numpy"])
+def codec_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test twice: with the C kernel where it is built, and on the numpy path."""
+    if request.param == "numpy":
         monkeypatch.setattr(snap, "_xorkernel", None)
+    return str(request.param)
+
+
+@pytest.mark.usefixtures("codec_path")
+def test_dense_small_steps_store_packed_codes(monkeypatch: pytest.MonkeyPatch) -> None:
     n = 300_001
     prev, cur = bf16_step(n, 1e-5)
     changed = np.count_nonzero(prev.view(np.uint16) != cur.view(np.uint16))
@@ -138,24 +143,19 @@ def test_dense_small_steps_store_packed_codes(monkeypatch: pytest.MonkeyPatch,
     assert blob is not None and set(frame_filters(blob, n, 2)) == {snap._FILTER_CODES}
     # the same chunks as gap + value planes: the codes are smaller (and zstd sees 2.4x fewer
     # bytes, which is where the time goes)
-    monkeypatch.setattr(snap, "CODES_MIN_DENSITY", 1.0)
-    planes = snap.encode_tensor_delta(prev, cur, 2)
+    with monkeypatch.context() as m:
+        m.setattr(snap, "CODES_MIN_DENSITY", 1.0)
+        planes = snap.encode_tensor_delta(prev, cur, 2)
     assert planes is not None and set(frame_filters(planes, n, 2)) == {snap._FILTER_SPARSE}
     assert len(blob) < len(planes)
     # sparse steps keep the planes
-    monkeypatch.undo()
-    if not kernel:
-        monkeypatch.setattr(snap, "_xorkernel", None)
     prev, cur = bf16_step(n, 1e-6)
     sparse = round_trip(prev, cur, 2)
     assert sparse is not None and set(frame_filters(sparse, n, 2)) == {snap._FILTER_SPARSE}
 
 
-@pytest.mark.parametrize("kernel", [True, False])
-def test_packed_codes_escape_long_gaps_and_big_values(monkeypatch: pytest.MonkeyPatch,
-                                                      kernel: bool) -> None:
-    if not kernel:
-        monkeypatch.setattr(snap, "_xorkernel", None)
+@pytest.mark.usefixtures("codec_path")
+def test_packed_codes_escape_long_gaps_and_big_values() -> None:
     n = 80_000
     # gaps 0, 0, 13, 15, 15, 0, 255, 0, then 67_694 (4 bytes), then a run dense enough for
     # codes (15% of the chunk changed), then 0; diffs on both sides of 16

@@ -353,6 +353,46 @@ static void scatter(uint16_t *t, const uint8_t *g, int width, const uint8_t *v, 
     }
 }
 
+/* target = source (when one is given and it is not target itself), before a scatter. */
+static inline void copy_source(const Py_buffer *target, const Py_buffer *source)
+{
+    if (source->buf != NULL && source->buf != target->buf) {
+        memmove(target->buf, source->buf, (size_t)target->len);
+    }
+}
+
+#define END_UNUSED (-2) /* the codes do not use exactly the long gaps / big values given */
+#define END_NO_MEMORY (-3)
+
+/* Release a scatter's buffers and answer: None, or the error of ``bad_args`` (arguments that
+ * do not fit together) or of ``end`` (the last position written, see above). */
+static PyObject *scatter_reply(Py_buffer *target, Py_buffer *input, Py_buffer *source,
+                               const char *bad_args, Py_ssize_t end, Py_ssize_t n)
+{
+    PyBuffer_Release(target);
+    PyBuffer_Release(input);
+    if (source->buf != NULL) {
+        PyBuffer_Release(source);
+    }
+    if (bad_args != NULL) {
+        PyErr_SetString(PyExc_ValueError, bad_args);
+        return NULL;
+    }
+    if (end == END_UNUSED) {
+        PyErr_SetString(PyExc_ValueError,
+                        "the codes do not use exactly the long gaps and big values given");
+        return NULL;
+    }
+    if (end == END_NO_MEMORY) {
+        return PyErr_NoMemory();
+    }
+    if (end >= n) {
+        PyErr_Format(PyExc_ValueError, "position %zd past the %zd elements", end, n);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *xor_scatter16(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -372,29 +412,30 @@ static PyObject *xor_scatter16(PyObject *self, PyObject *args)
             end += (Py_ssize_t)planed_at(g, width, count, k) + 1; /* < n + 2^32: no overflow */
         }
         if (end < n) {
-            if (source.buf != NULL && source.buf != target.buf) {
-                memmove(target.buf, source.buf, (size_t)target.len);
-            }
+            copy_source(&target, &source);
             scatter(target.buf, g, width, v, count);
         }
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&target);
-    PyBuffer_Release(&planes);
-    if (source.buf != NULL) {
-        PyBuffer_Release(&source);
+    return scatter_reply(&target, &planes, &source,
+                         ok ? NULL : "planes must hold count gaps of width 1, 2 or 4 bytes and "
+                                     "count 2-byte values; source (if given) the size of target",
+                         end, n);
+}
+
+/* The fewest bytes (1, 2 or 4) that hold ``largest``. */
+static inline int width_of(uint32_t largest)
+{
+    return largest >> 16 ? 4 : largest >> 8 ? 2 : 1;
+}
+
+/* The two byte planes of ``count`` 2-byte values (low bytes, then high bytes). */
+static void value_planes(uint8_t *to, const uint16_t *from, Py_ssize_t count)
+{
+    for (Py_ssize_t k = 0; k < count; k++) {
+        to[k] = (uint8_t)from[k];
+        to[count + k] = (uint8_t)(from[k] >> 8);
     }
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError,
-                        "planes must hold count gaps of width 1, 2 or 4 bytes and count 2-byte "
-                        "values; source (if given) the size of target");
-        return NULL;
-    }
-    if (end >= n) {
-        PyErr_Format(PyExc_ValueError, "position %zd past the %zd elements", end, n);
-        return NULL;
-    }
-    Py_RETURN_NONE;
 }
 
 /* The ``width`` low byte planes of ``count`` integers (plane b: byte b of each, in order). */
@@ -405,6 +446,18 @@ static void planes_of(uint8_t *to, const uint32_t *from, Py_ssize_t count, int w
             to[b * count + k] = (uint8_t)(from[k] >> (8 * b));
         }
     }
+}
+
+/* Release the buffers of a payload writer; false (ValueError set) when they were too small. */
+static int payload_done(Py_buffer *gaps, Py_buffer *values, Py_buffer *out, int ok)
+{
+    PyBuffer_Release(gaps);
+    PyBuffer_Release(values);
+    PyBuffer_Release(out);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "gaps, values or out hold fewer than count entries");
+    }
+    return ok;
 }
 
 /* A sparse chunk's payload as stored: the byte planes of the gaps, narrowed to the fewest bytes
@@ -428,20 +481,12 @@ static PyObject *sparse_planes16(PyObject *self, PyObject *args)
         for (Py_ssize_t k = 0; k < count; k++) {
             largest = g[k] > largest ? g[k] : largest;
         }
-        width = largest >> 16 ? 4 : largest >> 8 ? 2 : 1;
+        width = width_of(largest);
         planes_of(o, g, count, width);
-        o += width * count;
-        for (Py_ssize_t k = 0; k < count; k++) {
-            o[k] = (uint8_t)v[k];
-            o[count + k] = (uint8_t)(v[k] >> 8);
-        }
+        value_planes(o + width * count, v, count);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&gaps);
-    PyBuffer_Release(&values);
-    PyBuffer_Release(&out);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "gaps, values or out hold fewer than count entries");
+    if (!payload_done(&gaps, &values, &out, ok)) {
         return NULL;
     }
     return PyLong_FromLong(width);
@@ -479,27 +524,19 @@ static PyObject *sparse_codes16(PyObject *self, PyObject *args)
             bigs += is_big;
             largest = is_long && gap > largest ? gap : largest;
         }
-        width = largest >> 16 ? 4 : largest >> 8 ? 2 : 1;
+        width = width_of(largest);
         planes_of(o + count, g, longs, width);
-        uint8_t *bv = o + count + longs * width;
-        for (Py_ssize_t i = 0; i < bigs; i++) {
-            bv[i] = (uint8_t)v[i];
-            bv[bigs + i] = (uint8_t)(v[i] >> 8);
-        }
+        value_planes(o + count + longs * width, v, bigs);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&gaps);
-    PyBuffer_Release(&values);
-    PyBuffer_Release(&out);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "gaps, values or out hold fewer than count entries");
+    if (!payload_done(&gaps, &values, &out, ok)) {
         return NULL;
     }
     return Py_BuildValue("nni", longs, bigs, width);
 }
 
-/* The last position the codes reach (>= n when past the end), or -2 when they do not use
- * exactly ``longs`` long gaps and ``bigs`` big values. Sums without an early exit (they cannot
+/* The last position the codes reach (>= n when past the end), or END_UNUSED when they do not
+ * use exactly ``longs`` long gaps and ``bigs`` big values. Sums without an early exit (they cannot
  * overflow: at most 15 per code and 2^32 per long gap), which the compiler vectorizes. */
 static Py_ssize_t codes_end(const uint8_t *c, Py_ssize_t count, const uint8_t *lg, int width,
                             Py_ssize_t longs, Py_ssize_t bigs)
@@ -513,7 +550,7 @@ static Py_ssize_t codes_end(const uint8_t *c, Py_ssize_t count, const uint8_t *l
         big_codes += (c[k] & 15) == 0;
     }
     if (long_codes != longs || big_codes != bigs) {
-        return -2;
+        return END_UNUSED;
     }
     for (Py_ssize_t j = 0; j < longs; j++) {
         long_gaps += planed_at(lg, width, longs, j);
@@ -565,12 +602,10 @@ static PyObject *xor_codes16(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         end = codes_end(c, count, lg, width, longs, bigs); /* checked before any write */
         if (end >= -1 && end < n && (at = malloc(sizeof(*at) * (size_t)(bigs + 1))) == NULL) {
-            end = -3;
+            end = END_NO_MEMORY;
         }
         if (end >= -1 && end < n) {
-            if (source.buf != NULL && source.buf != target.buf) {
-                memmove(target.buf, source.buf, (size_t)target.len);
-            }
+            copy_source(&target, &source);
             switch (width) {
             case 1:
                 codes_width(target.buf, c, count, lg, 1, longs, bv, bigs, at);
@@ -585,30 +620,11 @@ static PyObject *xor_codes16(PyObject *self, PyObject *args)
         free(at);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&target);
-    PyBuffer_Release(&payload);
-    if (source.buf != NULL) {
-        PyBuffer_Release(&source);
-    }
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError,
-                        "payload must hold count codes, long_gaps gaps of width 1, 2 or 4 bytes "
-                        "and big_values 2-byte values; source (if given) the size of target");
-        return NULL;
-    }
-    if (end == -2) {
-        PyErr_SetString(PyExc_ValueError,
-                        "the codes do not use exactly the long gaps and big values given");
-        return NULL;
-    }
-    if (end == -3) {
-        return PyErr_NoMemory();
-    }
-    if (end >= n) {
-        PyErr_Format(PyExc_ValueError, "position %zd past the %zd elements", end, n);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return scatter_reply(&target, &payload, &source,
+                         ok ? NULL : "payload must hold count codes, long_gaps gaps of width 1, "
+                                     "2 or 4 bytes and big_values 2-byte values; source (if "
+                                     "given) the size of target",
+                         end, n);
 }
 
 static PyMethodDef methods[] = {
