@@ -161,6 +161,8 @@ def test_buffers_too_small_are_rejected() -> None:
         kernel.xor_scatter16(owned, np.zeros(5, np.uint8), 2, 1)
     with pytest.raises(ValueError, match="source"):
         kernel.xor_scatter16(owned, np.zeros(6, np.uint8), 2, 1, prev[:99])
+    with pytest.raises(ValueError, match="count"):  # count * (2 + 2) wraps around to 4 bytes
+        kernel.xor_scatter16(owned, np.zeros(4, np.uint8), 2**62 + 1, 2)
     with pytest.raises(TypeError):
         kernel.xor_scatter16(prev.copy().data.toreadonly(), np.zeros(3, np.uint8), 1, 1)
 
@@ -332,8 +334,9 @@ def test_codes_that_do_not_add_up_leave_the_target_untouched() -> None:
         kernel.xor_codes16(np.zeros(30, np.uint16), payload[:-1], 4, 1, 1, 1)
     with pytest.raises(ValueError, match="payload"):
         kernel.xor_codes16(np.zeros(30, np.uint16), payload, 4, 1, 1, 3)
-    with pytest.raises(ValueError, match="payload"):  # counts no payload can hold
-        kernel.xor_codes16(np.zeros(30, np.uint16), payload, 2**62, 2**62, 2**62, 4)
+    with pytest.raises(ValueError, match="payload"):  # counts whose size wraps around to 8
+        kernel.xor_codes16(np.zeros(30, np.uint16), np.zeros(8, np.uint8), 2**62,
+                           2**62 - 2**60 + 2, 0, 4)
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])

@@ -403,8 +403,9 @@ static PyObject *xor_scatter16(PyObject *self, PyObject *args)
         return NULL;
     }
     Py_ssize_t n = target.len / 2, end = -1;
-    int ok = (width == 1 || width == 2 || width == 4) && count >= 0 && target.len % 2 == 0 &&
-             planes.len == count * (width + 2) && (source.buf == NULL || source.len == target.len);
+    int ok = (width == 1 || width == 2 || width == 4) && count >= 0 && count <= planes.len &&
+             target.len % 2 == 0 && planes.len == count * (width + 2) &&
+             (source.buf == NULL || source.len == target.len);
     if (ok) {
         const uint8_t *g = planes.buf, *v = g + count * width;
         Py_BEGIN_ALLOW_THREADS

@@ -1142,10 +1142,18 @@ def _xor_chunk(
             raise ChecksumError(f"delta chunk: {exc}") from exc
         return
     gaps = unshuffle_bytes(content[_SPARSE_HEADER.size : values_at], width)
-    positions = _decode_gaps(gaps.view(_UINTS[width]), target.size)
+    _scatter(target, _decode_gaps(gaps.view(_UINTS[width]), target.size),
+             unshuffle_bytes(content[values_at:], itemsize).view(target.dtype), source)
+
+
+def _scatter(
+    target: np.ndarray, positions: np.ndarray, values: np.ndarray, source: np.ndarray | None
+) -> None:
+    """The numpy path's scatter: ``target[positions] ^= values``, after ``target = source``
+    when a source is given (the positions are checked already)."""
     if source is not None:
         np.copyto(target, source)
-    target[positions] ^= unshuffle_bytes(content[values_at:], itemsize).view(target.dtype)
+    target[positions] ^= values
 
 
 def _xor_codes(content: np.ndarray, target: np.ndarray, source: np.ndarray | None) -> None:
@@ -1174,10 +1182,7 @@ def _xor_codes(content: np.ndarray, target: np.ndarray, source: np.ndarray | Non
     gaps[long] = unshuffle_bytes(body[changed : changed + longs * width], width).view(
         _UINTS[width])
     values[big] = unshuffle_bytes(body[changed + longs * width :], 2).view(np.uint16)
-    positions = _decode_gaps(gaps, target.size)
-    if source is not None:
-        np.copyto(target, source)
-    target[positions] ^= values
+    _scatter(target, _decode_gaps(gaps, target.size), values, source)
 
 
 # ---------------------------------------------------------------------------------------------
