@@ -308,6 +308,29 @@ def test_retry_is_bounded_in_count_and_total_time() -> None:
     assert next_retry_delay(policy, attempts_done=1, elapsed_s=9.5, rand=0.0) is None
 
 
+def test_overload_answers_are_polled_without_using_up_max_attempts() -> None:
+    policy = RetryPolicy(max_attempts=2, max_overload_attempts=5, backoff_initial_s=1.0,
+                         backoff_max_s=8.0, overload_backoff_max_s=0.5, total_timeout_s=100.0,
+                         jitter=0)
+
+    def delay(attempts: int, overloads: int, overloaded: bool) -> float | None:
+        return next_retry_delay(policy, attempts_done=attempts, elapsed_s=0.0, rand=0.0,
+                                overloads_done=overloads, overloaded=overloaded)
+
+    # four 503s in a row (a vLLM 0.33 abort/wait pause): polled every 0.5 s, not 1, 2, 4, 8
+    assert [delay(k, k, True) for k in range(1, 5)] == [0.5, 0.5, 0.5, 0.5]
+    assert delay(5, 5, True) is None  # max_overload_attempts answered 503
+    # a timeout after three 503s: the first of its own two attempts, full backoff
+    assert delay(4, 3, False) == 8.0
+    assert delay(5, 3, False) is None  # two failures of its own: max_attempts spent
+    # and the total time still bounds everything
+    assert next_retry_delay(policy, attempts_done=1, elapsed_s=99.8, rand=0.0,
+                            overloads_done=1, overloaded=True) is None
+    fail_fast = RetryPolicy.fail_fast()
+    assert next_retry_delay(fail_fast, attempts_done=1, elapsed_s=0.0, rand=0.0,
+                            overloads_done=1, overloaded=True) is None
+
+
 def test_retry_after_raises_the_delay_up_to_the_cap() -> None:
     policy = RetryPolicy(backoff_initial_s=0.1, backoff_max_s=3.0, jitter=0)
     assert next_retry_delay(policy, attempts_done=1, elapsed_s=0, rand=0, retry_after_s=2) == 2.0
@@ -353,6 +376,10 @@ def test_retry_policy_validation_names_the_field() -> None:
         RetryPolicy(max_attempts=0)
     with pytest.raises(ConfigError, match="backoff_max_s"):
         RetryPolicy(backoff_initial_s=2.0, backoff_max_s=1.0)
+    with pytest.raises(ConfigError, match="max_overload_attempts"):
+        RetryPolicy(max_overload_attempts=0)
+    with pytest.raises(ConfigError, match="overload_backoff_max_s"):
+        RetryPolicy(overload_backoff_max_s=float("nan"))
     assert RetryPolicy.fail_fast().max_attempts == 1
 
 

@@ -352,12 +352,37 @@ async def test_timeout_is_retried() -> None:
 
 
 @pytest.mark.anyio
-async def test_retry_budget_is_bounded_and_reports_the_last_error() -> None:
+async def test_a_pause_longer_than_max_attempts_of_503s_is_waited_out() -> None:
+    # vLLM 0.33 answers 503 to new requests for the whole of an abort/wait weight-update pause
     fake = FakeVLLM()
-    fake.always["a"] = status(503, "server busy")
+    fake.once["a"] = [status(503, "engine paused")] * 12
     retry = RetryPolicy(max_attempts=3, backoff_initial_s=0.001, backoff_max_s=0.005)
     async with make_sampler(fake, retry=retry) as sampler:
-        with pytest.raises(SamplingError, match=r"after 3 attempt.*HTTP 503: server busy") as info:
+        out = await sampler.sample_with_prompt_tokens([1, 2], 1, 3, 1.0)
+        metrics = sampler.metrics()
+    assert len(out) == 1 and len(fake.requests) == 13
+    assert metrics["retries"] == 12 and metrics["failed_calls"] == 0
+
+
+@pytest.mark.anyio
+async def test_503_answers_are_bounded_by_max_overload_attempts() -> None:
+    fake = FakeVLLM()
+    fake.always["a"] = status(503, "server busy")
+    retry = RetryPolicy(max_attempts=1, max_overload_attempts=4, backoff_initial_s=0.001,
+                        backoff_max_s=0.005)
+    async with make_sampler(fake, retry=retry) as sampler:
+        with pytest.raises(SamplingError, match=r"after 4 attempt.*HTTP 503: server busy"):
+            await sampler.sample_with_prompt_tokens([1, 2], 1, 3, 1.0)
+    assert len(fake.requests) == 4
+
+
+@pytest.mark.anyio
+async def test_retry_budget_is_bounded_and_reports_the_last_error() -> None:
+    fake = FakeVLLM()
+    fake.always["a"] = status(500, "server busy")
+    retry = RetryPolicy(max_attempts=3, backoff_initial_s=0.001, backoff_max_s=0.005)
+    async with make_sampler(fake, retry=retry) as sampler:
+        with pytest.raises(SamplingError, match=r"after 3 attempt.*HTTP 500: server busy") as info:
             await sampler.sample_with_prompt_tokens([1, 2], 1, 3, 1.0)
         metrics = sampler.metrics()
     assert len(fake.requests) == 3

@@ -1,16 +1,21 @@
 """Retry policy for sampling requests: a value plus pure decision functions (no I/O, no clock).
 
 Invariants:
-- A call makes at most ``max_attempts`` attempts, and no retry is started once
-  ``total_timeout_s`` (measured from the start of the first attempt) would be exceeded by the
-  backoff sleep; so a call ends within ``total_timeout_s + request_timeout_s``.
+- A call makes at most ``max_attempts`` attempts that fail for a reason of their own
+  (timeouts, transport errors, 408/5xx) plus at most ``max_overload_attempts`` answered 429/503,
+  and no retry is started once ``total_timeout_s`` (measured from the start of the first
+  attempt) would be exceeded by the backoff sleep; so a call ends within ``total_timeout_s +
+  request_timeout_s``.
 - Backoff is exponential with jitter: attempt k (1-based, k >= 1 failed attempts) sleeps
   ``cap_k * (1 - jitter * u)`` with ``cap_k = min(backoff_max_s, backoff_initial_s *
-  backoff_multiplier ** (k - 1))`` and ``u`` uniform in [0, 1); a server ``Retry-After`` raises
-  the sleep, still capped by ``backoff_max_s``.
+  backoff_multiplier ** (k - 1))`` and ``u`` uniform in [0, 1); after a 429/503 ``cap_k`` is at
+  most ``overload_backoff_max_s`` (the server is polled until it takes the request); a server
+  ``Retry-After`` raises the sleep, still capped by ``backoff_max_s``.
 - Classification: connect errors, timeouts, 408 and 5xx are retried; 429 and 503 are
   *overload* (retried, shrink the concurrency window, do not count against a deployment's
-  health, since the server answered on purpose, e.g. vLLM 0.33 during a weight-update pause);
+  health or ``max_attempts``, since the server answered on purpose: vLLM 0.33 answers 503 to
+  every new request for the whole of an ``abort``/``wait`` weight-update pause, which can
+  outlast a handful of quick retries);
   every other 4xx, and transport errors caused by our own request, are fatal.
 """
 
@@ -48,16 +53,19 @@ class RetryPolicy:
     """How a sampling call retries. ``RetryPolicy.fail_fast()`` makes one attempt only."""
 
     max_attempts: int = 6
+    max_overload_attempts: int = 600
     total_timeout_s: float = 120.0
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
     backoff_multiplier: float = 2.0
+    overload_backoff_max_s: float = 1.0
     jitter: float = 0.5
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        _require(self.max_attempts >= 1, "max_attempts", self.max_attempts, ">= 1")
+        for name in ("max_attempts", "max_overload_attempts"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         for name in ("total_timeout_s", "request_timeout_s", "connect_timeout_s"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, name, value, "a finite number > 0")
@@ -69,12 +77,18 @@ class RetryPolicy:
             f">= backoff_initial_s ({self.backoff_initial_s})",
         )
         _require(self.backoff_multiplier >= 1, "backoff_multiplier", self.backoff_multiplier, ">=1")
+        _require(
+            math.isfinite(self.overload_backoff_max_s) and self.overload_backoff_max_s >= 0,
+            "overload_backoff_max_s",
+            self.overload_backoff_max_s,
+            "a finite number >= 0",
+        )
         _require(0 <= self.jitter <= 1, "jitter", self.jitter, "in [0, 1]")
 
     @classmethod
     def fail_fast(cls, *, request_timeout_s: float = 600.0) -> RetryPolicy:
-        """One attempt, no retries."""
-        return cls(max_attempts=1, request_timeout_s=request_timeout_s)
+        """One attempt, no retries (not even of a 429/503)."""
+        return cls(max_attempts=1, max_overload_attempts=1, request_timeout_s=request_timeout_s)
 
 
 def _require(ok: bool, field: str, value: object, expected: str) -> None:
@@ -89,18 +103,26 @@ def next_retry_delay(
     elapsed_s: float,
     rand: float,
     retry_after_s: float | None = None,
+    overloads_done: int = 0,
+    overloaded: bool = False,
 ) -> float | None:
     """Seconds to sleep before the next attempt, or ``None`` when the budget is spent.
 
-    ``attempts_done`` counts failed attempts so far (>= 1); ``elapsed_s`` is the time since the
-    first attempt started; ``rand`` is uniform in [0, 1).
+    ``attempts_done`` counts failed attempts so far (>= 1), ``overloads_done`` how many of them
+    were answered 429/503 and ``overloaded`` whether the last one was; ``elapsed_s`` is the time
+    since the first attempt started; ``rand`` is uniform in [0, 1).
     """
-    if attempts_done >= policy.max_attempts:
+    if (
+        attempts_done - overloads_done >= policy.max_attempts
+        or overloads_done >= policy.max_overload_attempts
+    ):
         return None
     cap = min(
         policy.backoff_max_s,
         policy.backoff_initial_s * policy.backoff_multiplier ** (attempts_done - 1),
     )
+    if overloaded:
+        cap = min(cap, policy.overload_backoff_max_s)
     delay = cap * (1.0 - policy.jitter * rand)
     if retry_after_s is not None:
         delay = min(max(delay, retry_after_s), policy.backoff_max_s)

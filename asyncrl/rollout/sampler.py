@@ -497,7 +497,7 @@ class DeploymentSampler:
     async def _call_with_retries(
         self, body: dict[str, Any], prompt: tuple[int, ...], n: int
     ) -> list[SampledCompletion]:
-        attempts = 0
+        attempts = overloads = 0
         started: float | None = None
         last: _Failure | None = None
         while True:
@@ -513,9 +513,10 @@ class DeploymentSampler:
             if isinstance(result, list):
                 return result
             last = result
-            await anyio.sleep(self._backoff(result, attempts, self._clock() - started))
+            overloads += result.kind is FailureKind.OVERLOAD
+            await anyio.sleep(self._backoff(result, attempts, overloads, self._clock() - started))
 
-    def _backoff(self, failure: _Failure, attempts: int, elapsed_s: float) -> float:
+    def _backoff(self, failure: _Failure, attempts: int, overloads: int, elapsed_s: float) -> float:
         """Seconds to wait before the next attempt; raises when there should be none."""
         router = self._gate.router
         if router.all_open(self._clock()):  # failing everywhere: no point in backing off
@@ -526,6 +527,8 @@ class DeploymentSampler:
             elapsed_s=elapsed_s,
             rand=self._rng.random(),
             retry_after_s=failure.retry_after_s,
+            overloads_done=overloads,
+            overloaded=failure.kind is FailureKind.OVERLOAD,
         )
         if delay is None:
             raise SamplingError(

