@@ -438,7 +438,8 @@ async def hotload_steps(
 
 def brief(s: Sample) -> str:
     return (
-        f"{s.kind} {mb(s.nbytes).strip()} e2e {s.e2e_s:.2f}s (save {s.save_s:.2f} encode "
+        f"{s.kind} {mb(s.nbytes).strip()} (transfer {s.transfer_s:.3f}s modeled) e2e "
+        f"{s.e2e_s:.2f}s (save {s.save_s:.2f} encode "
         f"{s.encode_s:.2f} reload {s.reload_s:.2f} [worker verify "
         f"{s.worker_verify_s or 0:.2f} reload_weights {s.worker_reload_s or 0:.2f}] warmup "
         f"{s.warmup_s:.2f} other {s.other_s:.2f})"
