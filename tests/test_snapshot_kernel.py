@@ -368,3 +368,39 @@ def test_a_corrupt_codes_chunk_raises_checksum_error_through_the_decoder(
     with pytest.raises(ChecksumError, match="past"):
         snap._xor_chunk(memoryview(compress(bytes(content))), target[:27].copy(), 2,
                         decompressor, scratch)
+
+
+_OUT_OF_MEMORY = """
+import resource, sys
+import numpy as np
+from asyncrl.sync import _xorkernel as kernel
+
+n = 1 << 22  # every element changed by a big diff: the decoder records 4M positions (32 MB)
+target = np.zeros(n, np.uint16)
+payload = np.zeros(3 * n, np.uint8)  # n codes (gap 0, "big"), then the low / high value planes
+payload[n : 2 * n] = 1
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (vm + (8 << 20), hard))
+try:
+    kernel.xor_codes16(target, payload, n, 0, n, 1)
+except MemoryError:
+    print("MemoryError", int(np.count_nonzero(target)))
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+kernel.xor_codes16(target, payload, n, 0, n, 1)  # the same call, with memory: it was the malloc
+print("applied", int(np.count_nonzero(target == 1)))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_xor_codes16_out_of_memory_raises_before_writing() -> None:
+    """The big diffs' positions are malloc'ed after the payload check and before any write:
+    when that fails (an address-space limit just above what the process uses) MemoryError is
+    raised and the target is untouched."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY], capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["MemoryError", "0", "applied", str(1 << 22)]
