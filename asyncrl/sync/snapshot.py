@@ -406,8 +406,9 @@ def write_delta(
 
     ``dtype`` (a manifest dtype name, e.g. ``"bfloat16"``): the snapshot's dtype when it is not
     the tensors' own. The tensors are then converted chunk by chunk inside the encoder, e.g.
-    straight from a trainer's fp32 parameters (no full-size converted copy is made first).
-    The tensors must not change while this runs."""
+    straight from a trainer's fp32 parameters (no full-size converted copy is made first);
+    tensors on an accelerator are converted there and copied to the host one at a time, as
+    their encoding starts. The tensors must not change while this runs."""
     root, target = _target_dir(root, name)
     sources = {n: _source(t, dtype) for n, t in tensors.items()}
     _check_same_tensor_set(sources, previous)
@@ -610,6 +611,7 @@ def _buffer(data: np.ndarray | bytes) -> memoryview:
 
 def _converted(source: _Source) -> RawTensor:
     """An owned read-only copy of ``source`` in its snapshot dtype (one conversion pass)."""
+    source = _on_host(source)
     nbytes = source.flat.numel() * _itemsize(source.dtype)
     data = _BUFFERS.take(nbytes) if nbytes else np.empty(0, np.uint8)
     if nbytes:
@@ -716,8 +718,9 @@ def _default_workers() -> int:
 
 
 class _Source(NamedTuple):
-    """What a delta encodes for one tensor: its snapshot dtype and shape, and ``flat``, a 1-D
-    CPU tensor whose elements are converted (or copied) into the snapshot's bytes."""
+    """What a snapshot encodes for one tensor: its snapshot dtype and shape, and ``flat``, a
+    1-D tensor whose elements are converted (or copied) into the snapshot's bytes (on an
+    accelerator until ``_on_host``)."""
 
     dtype: str
     shape: tuple[int, ...]
@@ -729,10 +732,18 @@ def _source(tensor: torch.Tensor, dtype: str | None) -> _Source:
     if name not in _DTYPES:
         raise SnapshotError(f"unsupported tensor dtype {dtype or tensor.dtype}; expected one of "
                             f"{sorted(_DTYPES)}")
-    flat = tensor.detach().reshape(-1)
-    if flat.device.type != "cpu":  # one transfer per tensor, converted on the device
-        flat = flat.to(_DTYPES[name][0]).cpu()
-    return _Source(name, tuple(tensor.shape), flat.contiguous())
+    return _Source(name, tuple(tensor.shape), tensor.detach().reshape(-1))
+
+
+def _on_host(source: _Source) -> _Source:
+    """``source`` with its elements contiguous in host memory. A device tensor is converted to
+    the snapshot dtype on the device and copied over once, when its own encoding starts: on the
+    thread that encodes it, so transfers overlap the encoding of other tensors and no host copy
+    of the whole model is made first."""
+    flat = source.flat
+    if flat.device.type != "cpu":
+        flat = flat.to(_DTYPES[source.dtype][0]).cpu()
+    return source._replace(flat=flat.contiguous())
 
 
 def _raw_source(data: np.ndarray, itemsize: int) -> _Source:
@@ -773,6 +784,7 @@ def _elements(data: np.ndarray, itemsize: int) -> np.ndarray:
 def _encode_tensor(previous: np.ndarray, source: _Source, level: int) -> _Encoded:
     """One pass over ``source``, chunk by chunk while it is in cache: convert (or copy) it into
     bytes the snapshot owns, XOR with ``previous``, filter + zstd the chunk, hash the bytes."""
+    source = _on_host(source)
     itemsize = _itemsize(source.dtype)
     if previous.nbytes != source.flat.numel() * itemsize:
         raise ValueError(f"delta of {previous.nbytes} bytes against "
