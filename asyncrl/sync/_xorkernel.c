@@ -27,13 +27,13 @@
  *       which then stays in cache for the scatter). ValueError (target untouched) when a
  *       position falls past the end of target.
  *
- *   sparse_codes16(gaps, values, count, out) -> (long_gaps, big_values, width)
+ *   sparse_codes16(gaps, values, count, out, portable=False) -> (long_gaps, big_values, width)
  *       the payload of a dense-ish sparse frame: one code byte per changed element, its gap in
  *       the high nibble (15: the gap is among the ``long_gaps`` that follow) and its value in
  *       the low one (0: the value is among the ``big_values``), then the byte planes of the
  *       long gaps (narrowed to ``width`` bytes) and the two byte planes of the big values;
  *       written to ``out`` (at least 7 * count bytes). gaps and values are scratch: the long
- *       gaps and big values are gathered to their fronts.
+ *       gaps and big values are gathered to their fronts. ``portable`` as for the encoders.
  *   xor_codes16(target, payload, count, long_gaps, big_values, width, source=None) -> None
  *       the inverse, like xor_scatter16. ValueError (target untouched) when a position falls
  *       past the end or the codes do not use exactly the long gaps and big values given.
@@ -497,12 +497,47 @@ static PyObject *sparse_planes16(PyObject *self, PyObject *args)
  * big). Long gaps and big values follow as byte planes, in the order of their codes. */
 #define CODE_LONG 15
 
+#if HAVE_AVX512_PATH
+/* sparse_codes16's loop over whole vectors of 16 elements; returns where the tail starts. The
+ * gathered long gaps / big values are stored as whole vectors at slot longs / bigs <= k: they
+ * only overwrite elements of the vector just loaded. ~6x the scalar loop (Zen 4). */
+__attribute__((target("avx512f,avx512bw,popcnt"))) static Py_ssize_t
+codes_avx512(uint32_t *g, uint16_t *v, uint8_t *o, Py_ssize_t count, Py_ssize_t *longs,
+             Py_ssize_t *bigs, uint32_t *largest)
+{
+    const __m512i code_long = _mm512_set1_epi32(CODE_LONG), sixteen = _mm512_set1_epi32(16);
+    __m512i top = _mm512_setzero_si512();
+    Py_ssize_t nl = *longs, nb = *bigs, k = 0;
+    for (; k + 16 <= count; k += 16) {
+        __m512i gap = _mm512_loadu_si512(g + k);
+        __m512i value = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + k)));
+        __mmask16 is_long = _mm512_cmpge_epu32_mask(gap, code_long);
+        __mmask16 is_big = _mm512_cmpge_epu32_mask(value, sixteen);
+        __m512i code = _mm512_or_si512(_mm512_slli_epi32(_mm512_min_epu32(gap, code_long), 4),
+                                       _mm512_maskz_mov_epi32((__mmask16)~is_big, value));
+        _mm_storeu_si128((__m128i *)(o + k), _mm512_cvtepi32_epi8(code));
+        top = _mm512_mask_max_epu32(top, is_long, top, gap);
+        _mm512_storeu_si512(g + nl, _mm512_maskz_compress_epi32(is_long, gap));
+        nl += _mm_popcnt_u32(is_long);
+        _mm256_storeu_si256((__m256i *)(v + nb),
+                            _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(is_big, value)));
+        nb += _mm_popcnt_u32(is_big);
+    }
+    uint32_t vector_top = _mm512_reduce_max_epu32(top);
+    *largest = vector_top > *largest ? vector_top : *largest;
+    *longs = nl;
+    *bigs = nb;
+    return k;
+}
+#endif
+
 static PyObject *sparse_codes16(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer gaps, values, out;
     Py_ssize_t count, longs = 0, bigs = 0;
-    if (!PyArg_ParseTuple(args, "w*w*nw*", &gaps, &values, &count, &out)) {
+    int portable = 0;
+    if (!PyArg_ParseTuple(args, "w*w*nw*|p", &gaps, &values, &count, &out, &portable)) {
         return NULL;
     }
     int ok = count >= 0 && gaps.len >= count * 4 && values.len >= count * 2 &&
@@ -513,9 +548,16 @@ static PyObject *sparse_codes16(PyObject *self, PyObject *args)
         uint8_t *o = out.buf;
         Py_BEGIN_ALLOW_THREADS
         uint32_t largest = 0;
+        Py_ssize_t k = 0;
+#if HAVE_AVX512_PATH
+        if (use_avx512 && !portable) {
+            k = codes_avx512(g, v, o, count, &longs, &bigs, &largest);
+        }
+#endif
+        (void)portable;
         /* no branches: the long gaps and big values are gathered to the fronts of the input
          * arrays (slot longs / bigs <= k was read already) */
-        for (Py_ssize_t k = 0; k < count; k++) {
+        for (; k < count; k++) {
             uint32_t gap = g[k], value = v[k];
             uint32_t is_long = gap >= CODE_LONG, is_big = value >= 16;
             o[k] = (uint8_t)((is_long ? CODE_LONG : gap) << 4 | (is_big ? 0 : value));
@@ -636,7 +678,8 @@ static PyMethodDef methods[] = {
     {"sparse_planes16", sparse_planes16, METH_VARARGS,
      "sparse_planes16(gaps, values, count, out) -> gap width"},
     {"sparse_codes16", sparse_codes16, METH_VARARGS,
-     "sparse_codes16(gaps, values, count, out) -> (long_gaps, big_values, gap width)"},
+     "sparse_codes16(gaps, values, count, out, portable=False) -> (long_gaps, big_values, "
+     "gap width)"},
     {"xor_codes16", xor_codes16, METH_VARARGS,
      "xor_codes16(target, payload, count, long_gaps, big_values, width, source=None)"},
     {"xor_scatter16", xor_scatter16, METH_VARARGS,
