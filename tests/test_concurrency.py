@@ -320,9 +320,16 @@ def test_overload_answers_are_polled_without_using_up_max_attempts() -> None:
     # four 503s in a row (a vLLM 0.33 abort/wait pause): polled every 0.5 s, not 1, 2, 4, 8
     assert [delay(k, k, True) for k in range(1, 5)] == [0.5, 0.5, 0.5, 0.5]
     assert delay(5, 5, True) is None  # max_overload_attempts answered 503
-    # a timeout after three 503s: the first of its own two attempts, full backoff
-    assert delay(4, 3, False) == 8.0
+    # a timeout after three 503s is the first failure of its kind: the initial backoff
+    assert delay(4, 3, False) == 1.0
     assert delay(5, 3, False) is None  # two failures of its own: max_attempts spent
+    # hundreds of polled 503s never overflow the exponent (4.0 ** 600 is not a float)
+    many = RetryPolicy(max_overload_attempts=10_000, backoff_multiplier=4.0, jitter=0,
+                       overload_backoff_max_s=0.05, total_timeout_s=1e6)
+    assert next_retry_delay(many, attempts_done=600, elapsed_s=0.0, rand=0.0,
+                            overloads_done=600, overloaded=True) == 0.05
+    assert next_retry_delay(many, attempts_done=601, elapsed_s=0.0, rand=0.0,
+                            overloads_done=600, overloaded=False) == many.backoff_initial_s
     # and the total time still bounds everything
     assert next_retry_delay(policy, attempts_done=1, elapsed_s=99.8, rand=0.0,
                             overloads_done=1, overloaded=True) is None

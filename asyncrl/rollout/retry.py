@@ -5,12 +5,14 @@ Invariants:
   (timeouts, transport errors, 408/5xx) plus at most ``max_overload_attempts`` answered 429/503,
   and no retry is started once ``total_timeout_s`` (measured from the start of the first
   attempt) would be exceeded by the backoff sleep; so a call ends within ``total_timeout_s +
-  request_timeout_s``.
-- Backoff is exponential with jitter: attempt k (1-based, k >= 1 failed attempts) sleeps
-  ``cap_k * (1 - jitter * u)`` with ``cap_k = min(backoff_max_s, backoff_initial_s *
-  backoff_multiplier ** (k - 1))`` and ``u`` uniform in [0, 1); after a 429/503 ``cap_k`` is at
-  most ``overload_backoff_max_s`` (the server is polled until it takes the request); a server
-  ``Retry-After`` raises the sleep, still capped by ``backoff_max_s``.
+  request_timeout_s``, plus whatever time its attempts wait for a free concurrency slot (the
+  sampler's gate, which bounds the requests in flight, not the time).
+- Backoff is exponential with jitter: after the k-th failure of its kind (k >= 1; 429/503
+  answers and the other failures are counted apart) a call sleeps ``cap_k * (1 - jitter * u)``
+  with ``cap_k = min(backoff_max_s, backoff_initial_s * backoff_multiplier ** (k - 1))`` and
+  ``u`` uniform in [0, 1); after a 429/503 ``cap_k`` is at most ``overload_backoff_max_s`` (the
+  server is polled until it takes the request); a server ``Retry-After`` raises the sleep, still
+  capped by ``backoff_max_s``.
 - Classification: connect errors, timeouts, 408 and 5xx are retried; 429 and 503 are
   *overload* (retried, shrink the concurrency window, do not count against a deployment's
   health or ``max_attempts``, since the server answered on purpose: vLLM 0.33 answers 503 to
@@ -117,18 +119,25 @@ def next_retry_delay(
         or overloads_done >= policy.max_overload_attempts
     ):
         return None
-    cap = min(
-        policy.backoff_max_s,
-        policy.backoff_initial_s * policy.backoff_multiplier ** (attempts_done - 1),
-    )
     if overloaded:
-        cap = min(cap, policy.overload_backoff_max_s)
+        cap = min(_cap(policy, overloads_done), policy.overload_backoff_max_s)
+    else:
+        cap = _cap(policy, attempts_done - overloads_done)
     delay = cap * (1.0 - policy.jitter * rand)
     if retry_after_s is not None:
         delay = min(max(delay, retry_after_s), policy.backoff_max_s)
     if elapsed_s + delay >= policy.total_timeout_s:
         return None
     return delay
+
+
+def _cap(policy: RetryPolicy, k: int) -> float:
+    """The backoff cap after the k-th failure of a kind (hundreds of 503s must not overflow)."""
+    try:
+        return min(policy.backoff_max_s,
+                   policy.backoff_initial_s * policy.backoff_multiplier ** max(k - 1, 0))
+    except OverflowError:
+        return policy.backoff_max_s
 
 
 def classify_status(status_code: int) -> FailureKind | None:
