@@ -188,6 +188,8 @@ def test_sparse_planes_narrow_the_gaps_like_the_numpy_path(largest: int) -> None
     assert (out[written:] == 0xAB).all()
     with pytest.raises(ValueError, match="fewer"):
         kernel.sparse_planes16(gaps, values, gaps.size, out[: 6 * gaps.size - 1])
+    with pytest.raises(ValueError, match="fewer"):  # count * 6 would wrap around
+        kernel.sparse_planes16(gaps, values, 2**62, out)
 
 
 def test_scatter_past_the_end_leaves_the_target_untouched() -> None:
@@ -271,6 +273,8 @@ def test_sparse_codes_equal_the_numpy_path(largest: int, portable: bool) -> None
     assert (out[end:] == 0xAB).all()
     with pytest.raises(ValueError, match="fewer"):
         kernel.sparse_codes16(gaps, values, gaps.size, out[: 7 * gaps.size - 1])
+    with pytest.raises(ValueError, match="fewer"):  # count * 7 would wrap around
+        kernel.sparse_codes16(gaps, values, 2**62, out)
     with pytest.raises(TypeError):  # gaps and values are its scratch: they must be writable
         kernel.sparse_codes16(gaps.copy().data.toreadonly(), values, count, out)
 

@@ -471,8 +471,9 @@ static PyObject *sparse_planes16(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*nw*", &gaps, &values, &count, &out)) {
         return NULL;
     }
-    int ok = count >= 0 && gaps.len >= count * 4 && values.len >= count * 2 &&
-             out.len >= count * 6, width = 1;
+    /* divisions, not products: an absurd count must not wrap around */
+    int ok = count >= 0 && count <= gaps.len / 4 && count <= values.len / 2 &&
+             count <= out.len / 6, width = 1;
     if (ok) {
         const uint32_t *g = gaps.buf;
         const uint16_t *v = values.buf;
@@ -540,8 +541,9 @@ static PyObject *sparse_codes16(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "w*w*nw*|p", &gaps, &values, &count, &out, &portable)) {
         return NULL;
     }
-    int ok = count >= 0 && gaps.len >= count * 4 && values.len >= count * 2 &&
-             out.len >= count * 7, width = 1;
+    /* divisions, not products: an absurd count must not wrap around */
+    int ok = count >= 0 && count <= gaps.len / 4 && count <= values.len / 2 &&
+             count <= out.len / 7, width = 1;
     if (ok) {
         uint32_t *g = gaps.buf;
         uint16_t *v = values.buf;
