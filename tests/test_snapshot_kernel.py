@@ -152,6 +152,11 @@ def test_buffers_too_small_are_rejected() -> None:
         kernel.encode_f32_bf16(src, prev, owned, np.empty(50, np.uint32), values, 50)
     with pytest.raises(ValueError, match="src"):
         kernel.encode_f32_bf16(src[:99], prev, owned, np.empty(114, np.uint32), values, 50)
+    with pytest.raises(ValueError, match="gaps"):  # (cap + SLACK) * 4 wraps around
+        kernel.encode_f32_bf16(src, prev, owned, np.empty(114, np.uint32), values,
+                               2**62 - kernel.SLACK)
+    with pytest.raises(ValueError):  # cap + SLACK itself would overflow
+        kernel.encode_copy16(prev, prev, owned, np.empty(114, np.uint32), values, 2**63 - 1)
     with pytest.raises(ValueError, match="2-byte"):
         kernel.encode_copy16(np.zeros(101, np.uint8), np.zeros(101, np.uint8), owned,
                              np.empty(114, np.uint32), values, 50)

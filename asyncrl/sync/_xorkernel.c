@@ -261,12 +261,19 @@ static Py_ssize_t encode16(const void *src, int f32, const uint16_t *prev, uint1
 
 /* ---- Python bindings ---------------------------------------------------------------------- */
 
+/* Whether ``b`` holds ``elements`` entries of ``itemsize`` bytes (a division, not a product: an
+ * absurd count must not wrap around and let a small buffer through). */
+static inline int holds(const Py_buffer *b, Py_ssize_t elements, Py_ssize_t itemsize)
+{
+    return elements >= 0 && elements <= b->len / itemsize;
+}
+
 static int check_size(const Py_buffer *b, Py_ssize_t elements, Py_ssize_t itemsize,
                       const char *what)
 {
-    if (b->len < elements * itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, needs %zd", what, b->len,
-                     elements * itemsize);
+    if (!holds(b, elements, itemsize)) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, needs %zd entries of %zd bytes",
+                     what, b->len, elements, itemsize);
         return 0;
     }
     return 1;
@@ -283,7 +290,8 @@ static PyObject *encode_common(PyObject *args, int f32)
     }
     Py_ssize_t n = prev.len / 2;
     /* positions are 32-bit (and a chunk's gaps at most 4 bytes wide) */
-    int ok = prev.len % 2 == 0 && cap >= 0 && (uint64_t)n <= UINT32_MAX &&
+    int ok = prev.len % 2 == 0 && cap >= 0 && cap <= PY_SSIZE_T_MAX - SLACK &&
+             (uint64_t)n <= UINT32_MAX &&
              check_size(&src, n, f32 ? 4 : 2, "src") &&
              check_size(&owned, n, 2, "owned") && check_size(&gaps, cap + SLACK, 4, "gaps") &&
              check_size(&values, cap + SLACK, 2, "values");
@@ -471,9 +479,8 @@ static PyObject *sparse_planes16(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*nw*", &gaps, &values, &count, &out)) {
         return NULL;
     }
-    /* divisions, not products: an absurd count must not wrap around */
-    int ok = count >= 0 && count <= gaps.len / 4 && count <= values.len / 2 &&
-             count <= out.len / 6, width = 1;
+    int ok = holds(&gaps, count, 4) && holds(&values, count, 2) && holds(&out, count, 6),
+        width = 1;
     if (ok) {
         const uint32_t *g = gaps.buf;
         const uint16_t *v = values.buf;
@@ -541,9 +548,8 @@ static PyObject *sparse_codes16(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "w*w*nw*|p", &gaps, &values, &count, &out, &portable)) {
         return NULL;
     }
-    /* divisions, not products: an absurd count must not wrap around */
-    int ok = count >= 0 && count <= gaps.len / 4 && count <= values.len / 2 &&
-             count <= out.len / 7, width = 1;
+    int ok = holds(&gaps, count, 4) && holds(&values, count, 2) && holds(&out, count, 7),
+        width = 1;
     if (ok) {
         uint32_t *g = gaps.buf;
         uint16_t *v = values.buf;
