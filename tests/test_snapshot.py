@@ -131,13 +131,15 @@ def perturbed_models(draw: st.DrawFn) -> tuple[list[Weights], int]:
             new = torch.from_numpy(np.asarray(x, np.float32)).to(t.dtype)
             cur[name] = t.clone() if mode == "same" else new
         versions.append(cur)
-    return versions, draw(st.sampled_from([1, 3]))
+    return versions, draw(st.sampled_from([1, 3])), draw(st.booleans())
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(perturbed_models())
-def test_base_delta_delta_round_trip_is_byte_exact(case: tuple[list[Weights], int]) -> None:
-    versions, level = case
+def test_base_delta_delta_round_trip_is_byte_exact(
+    case: tuple[list[Weights], int, bool],
+) -> None:
+    versions, level, in_place = case
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _, written = write_base(root, "v0", versions[0])
@@ -145,7 +147,15 @@ def test_base_delta_delta_round_trip_is_byte_exact(case: tuple[list[Weights], in
         assert loaded.snapshot.identity == written.identity
         assert_same_bytes(to_torch(loaded.snapshot), versions[0])
         for i in (1, 2):
-            manifest, written = write_delta(root, f"v{i}", versions[i], written, level=level)
+            if in_place:  # the same delta as a copy (written first: in place consumes)
+                copy_manifest, _ = write_delta(root, f"c{i}", versions[i], written, level=level)
+                copy_blobs = (root / f"c{i}" / DELTA_FILE).read_bytes()
+            manifest, written = write_delta(root, f"v{i}", versions[i], written, level=level,
+                                            in_place=in_place)
+            if in_place:
+                assert (root / f"v{i}" / DELTA_FILE).read_bytes() == copy_blobs
+                assert manifest.tensors == copy_manifest.tensors
+                assert_same_bytes(to_torch(written), versions[i])
             expected_changed = [
                 n for n in sorted(versions[i])
                 if not torch.equal(bits(versions[i][n]), bits(versions[i - 1][n]))
@@ -640,6 +650,73 @@ def test_apply_does_not_mutate_current_and_shares_unchanged(chain: Chain) -> Non
     assert loaded.snapshot.tensors["model.norm.weight"].data is host0.tensors[
         "model.norm.weight"
     ].data
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_in_place_delta_writes_the_same_snapshot_into_the_previous_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_kernel: bool, dtype: str
+) -> None:
+    """fp32 masters written as ``dtype`` over several chunks: a sparse tensor, one dense in
+    its first half only (a chunk of byte planes, then sparse ones), one unchanged."""
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 4096)
+    if not use_kernel:
+        monkeypatch.setattr(snap, "_xorkernel", None)
+    g = torch.Generator().manual_seed(5)
+    w0 = {f"model.layers.{i}.w": torch.randn(5000, generator=g) * 0.02 for i in range(3)}
+    w1 = {k: v.clone() for k, v in w0.items()}
+    w1["model.layers.0.w"] += 1e-4 * torch.sign(torch.randn(5000, generator=g))
+    w1["model.layers.1.w"][:2500] = torch.randn(2500, generator=g)
+    _, held = write_base(tmp_path, "b0", w0, dtype=dtype)
+    where = {n: raw.data.__array_interface__["data"][0] for n, raw in held.tensors.items()}
+    copy_manifest, copy = write_delta(tmp_path, "copy", w1, held, dtype=dtype)
+    assert snapshot_bytes(held) == snapshot_bytes(make_host_snapshot(from_torch(w0, dtype)))
+    manifest, new = write_delta(tmp_path, "in-place", w1, held, dtype=dtype, in_place=True)
+    assert manifest.changed == ["model.layers.0.w", "model.layers.1.w"]
+    assert manifest.tensors == copy_manifest.tensors and new.identity == copy.identity
+    assert (tmp_path / "in-place" / DELTA_FILE).read_bytes() == (
+        tmp_path / "copy" / DELTA_FILE).read_bytes()
+    assert {n: raw.data.__array_interface__["data"][0] for n, raw in new.tensors.items()} == where
+    assert snapshot_bytes(new) == snapshot_bytes(copy)
+    assert all(not raw.data.flags.writeable for raw in new.tensors.values())
+    loaded = apply_snapshot(tmp_path / "in-place", apply_snapshot(tmp_path / "b0", None).snapshot)
+    assert loaded.snapshot.identity == new.identity
+
+
+def test_in_place_delta_on_bytes_numpy_cannot_write_copies_them(tmp_path: Path) -> None:
+    w0 = model()
+    frozen = {n: snap.RawTensor(r.dtype, r.shape, np.frombuffer(r.data.tobytes(), np.uint8))
+              for n, r in from_torch(w0).items()}
+    held = make_host_snapshot(frozen)
+    before = snapshot_bytes(held)
+    w1 = nudge(w0, ["lm_head.weight"])
+    _, new = write_delta(tmp_path, "d1", w1, held, in_place=True)
+    assert snapshot_bytes(held) == before
+    assert_same_bytes(to_torch(new), w1)
+    assert new.tensors["lm_head.weight"].data is not held.tensors["lm_head.weight"].data
+
+
+def test_shares_bytes_finds_any_overlap() -> None:
+    buffer = np.zeros(100, np.uint8)
+
+    def host(*spans: tuple[int, int]) -> HostSnapshot:
+        return HostSnapshot("x", {f"t{i}": snap.RawTensor("uint8", (b - a,), buffer[a:b])
+                                  for i, (a, b) in enumerate(spans)}, {})
+
+    assert not snap.shares_bytes(host((0, 10), (20, 30)), host((10, 20), (30, 100)))
+    assert snap.shares_bytes(host((0, 50), (60, 70)), host((55, 58), (40, 41)))  # nested
+    assert snap.shares_bytes(host((0, 10)), host((0, 10)))
+    assert snap.shares_bytes(host((0, 100)), host((99, 100)))
+    assert not snap.shares_bytes(host((0, 10)), host((5, 5)))  # an empty tensor holds nothing
+    other = np.zeros(10, np.uint8)
+    assert not snap.shares_bytes(
+        host((0, 100)), HostSnapshot("y", {"t": snap.RawTensor("uint8", (10,), other)}, {}))
+
+
+def test_to_torch_of_an_empty_tensor() -> None:
+    host = make_host_snapshot(from_torch({"model.empty": torch.empty(0, 3, dtype=torch.bfloat16)}))
+    got = to_torch(host)["model.empty"]
+    assert got.shape == (0, 3) and got.dtype == torch.bfloat16
 
 
 def test_to_torch_is_zero_copy_and_selects_names() -> None:

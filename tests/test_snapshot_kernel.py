@@ -5,6 +5,7 @@ malformed chunk is rejected before the target is touched."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -143,6 +144,82 @@ def test_vector_and_portable_loops_agree(density: float, convert: bool) -> None:
     assert (first is None) == (second is None)
     if first is not None and second is not None:
         assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def in_place_case(
+    density: float, convert: bool, n: int = 10_000 + 37
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+    """(src, prev, new bytes, encoder) with about ``density`` of the elements changed."""
+    rng = np.random.default_rng(11)
+    fp32 = rng.standard_normal(n).astype(np.float32)
+    new = torch.from_numpy(fp32).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    src, encode = (fp32, kernel.encode_f32_bf16) if convert else (new, kernel.encode_copy16)
+    prev = new.copy()
+    hit = rng.random(n) < density
+    prev[hit] ^= rng.integers(1, 1 << 16, int(hit.sum()), dtype=np.uint16)
+    return src, prev, new, encode
+
+
+def encode_in_place(
+    encode: Any, src: np.ndarray, prev: np.ndarray, cap: int, portable: bool
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """(changed, gaps, values, the bytes after) of an in-place encoding of a copy of prev."""
+    target = prev.copy()
+    gaps = np.empty(cap + kernel.SLACK, np.uint32)
+    values = np.empty(cap + kernel.SLACK, np.uint16)
+    changed = encode(src, target, target, gaps, values, cap, portable)
+    return changed, gaps[: max(changed, 0)], values[: max(changed, 0)], target
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("density", [0.0, 0.04, 0.3, 0.5, 0.51, 1.0])
+@pytest.mark.parametrize("convert", [True, False])
+def test_in_place_encoding_equals_a_copy_and_gives_up_on_dense_chunks_untouched(
+    density: float, convert: bool, portable: bool
+) -> None:
+    src, prev, new, encode = in_place_case(density, convert)
+    cap = new.size // 2
+    owned = np.empty_like(prev)
+    gaps = np.empty(cap + kernel.SLACK, np.uint32)
+    values = np.empty(cap + kernel.SLACK, np.uint16)
+    want = encode(src, prev, owned, gaps, values, cap, portable)
+    changed, got_gaps, got_values, after = encode_in_place(encode, src, prev, cap, portable)
+    assert changed == want
+    if want < 0:  # more than cap changed: prev is left as it was
+        assert np.array_equal(after, prev)
+        return
+    assert np.array_equal(after, new)
+    assert np.array_equal(got_gaps, gaps[:want]) and np.array_equal(got_values, values[:want])
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("extra", [0, 1])
+def test_in_place_encoding_that_overflows_in_the_tail_restores_prev(
+    portable: bool, extra: int
+) -> None:
+    """Changes only in the last elements, past every whole vector / group of 64: with one
+    more change than ``cap`` the tail loop gives up and restores what it wrote."""
+    n, cap = 10_000 + 37, 10
+    src, _, new, encode = in_place_case(0.0, True, n)
+    prev = new.copy()
+    prev[n - cap - extra:] ^= 1
+    changed, _, _, after = encode_in_place(encode, src, prev, cap, portable)
+    if extra:
+        assert changed == -1 and np.array_equal(after, prev)
+    else:
+        assert changed == cap and np.array_equal(after, new)
+
+
+def test_encoder_buffers_that_overlap_are_rejected() -> None:
+    src, prev, _, encode = in_place_case(0.04, False, 1000)
+    gaps, values = np.empty(500 + kernel.SLACK, np.uint32), np.empty(500 + kernel.SLACK, np.uint16)
+    shifted = np.empty(1001, np.uint16)
+    shifted[:1000] = prev
+    with pytest.raises(ValueError, match="owned"):  # owned is prev shifted by one element
+        encode(src, shifted[:1000], shifted[1:], gaps, values, 500)
+    with pytest.raises(ValueError, match="owned"):  # owned is the source
+        encode(src, prev, src, gaps, values, 500)
+    assert np.array_equal(shifted[:1000], prev)
 
 
 def test_buffers_too_small_are_rejected() -> None:

@@ -221,7 +221,8 @@ def test_a_save_drops_what_it_will_not_keep_before_writing(
         kind = "base" if i == 0 else "delta"
         ids.append(client.save_weights_for_sampler_ext(f"s{i}", kind).result().snapshot_identity)
     assert held_during_write == [set(), {ids[0]}, {ids[1]}]
-    assert set(client._host_snapshots) == {ids[1], ids[2]}
+    # each delta turned the bytes it was computed on into its own: one copy of the model
+    assert set(client._host_snapshots) == {ids[2]}
     # a side export keeps the chain's head: the next delta is still computed against it
     export = client.save_weights_for_sampler_ext("export", "base").result().snapshot_identity
     assert held_during_write[-1] == {ids[2]}
@@ -229,3 +230,103 @@ def test_a_save_drops_what_it_will_not_keep_before_writing(
         "s3", "delta", previous_snapshot_identity=ids[2]).result()
     assert held_during_write[-1] == {ids[2], export}
     assert result.previous_snapshot_identity == ids[2]
+    assert set(client._host_snapshots) == {export, result.snapshot_identity}
+
+
+def _addresses(host: snapshot.HostSnapshot) -> dict[str, int]:
+    return {n: raw.data.__array_interface__["data"][0] for n, raw in host.tensors.items()}
+
+
+def test_a_delta_turns_the_bytes_it_is_computed_on_into_its_own(client: TrainingClient) -> None:
+    base = client.save_weights_for_sampler_ext("s0", "base").result().snapshot_identity
+    held = client._host_snapshots[base]
+    where = _addresses(held)
+    train_step(client, 1)
+    delta = client.save_weights_for_sampler_ext("s1", "delta").result()
+    new = client._host_snapshots[delta.snapshot_identity]
+    assert _addresses(new) == where  # no fresh memory: the base's arrays hold the new bytes
+    assert base not in client._host_snapshots
+    served = snapshot.to_torch(new)
+    for name, tensor in client.model.state_dict().items():
+        if name in served:
+            assert torch.equal(served[name], tensor.to(torch.bfloat16)), name
+    assert all(not raw.data.flags.writeable for raw in new.tensors.values())
+
+
+def test_a_delta_is_not_written_over_bytes_another_held_snapshot_shares(
+    client: TrainingClient,
+) -> None:
+    base = client.save_weights_for_sampler_ext("s0", "base").result().snapshot_identity
+    held = client._host_snapshots[base]
+    # another held snapshot viewing one of the base's arrays (as a delta written from another
+    # snapshot's weights keeps the arrays of the tensors it does not change)
+    name = "model.embed_tokens.weight"
+    sharer = snapshot.make_host_snapshot({name: held.tensors[name]})
+    before = sharer.tensors[name].data.tobytes()
+    client._host_snapshots[sharer.identity] = sharer
+    client._last_identity = sharer.identity  # kept through the save, like a side export
+    train_step(client, 1)
+    delta = client.save_weights_for_sampler_ext(
+        "s1", "delta", previous_snapshot_identity=base).result()
+    assert delta.kind == "delta" and "model.embed_tokens.weight" in read_changed(delta.path)
+    assert sharer.tensors[name].data.tobytes() == before
+    assert base in client._host_snapshots  # written as a copy: the base is still whole
+    assert snapshot.checksum(held.tensors[name].data) == held.checksums[name]
+
+
+def read_changed(path: Path) -> list[str]:
+    return snapshot.read_manifest(path).changed
+
+
+def test_a_delta_that_fails_to_write_drops_what_it_was_computed_on(
+    client: TrainingClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from asyncrl.errors import DeltaChainError, SnapshotError
+
+    client.save_weights_for_sampler_ext("s0", "base").result()
+    train_step(client, 1)
+
+    def full_disk(f: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(snapshot, "_flush_and_sync", full_disk)
+        with pytest.raises(SnapshotError, match="No space left"):
+            client.save_weights_for_sampler_ext("s1", "delta").result()
+    assert client._host_snapshots == {}  # its bytes were half turned: not kept
+    with pytest.raises(DeltaChainError, match="save a base first"):
+        client.save_weights_for_sampler_ext("s1", "delta").result()
+    client.save_weights_for_sampler_ext("s1-base", "base").result()
+    train_step(client, 2)
+    assert client.save_weights_for_sampler_ext("s2", "delta").result().kind == "delta"
+
+
+@pytest.mark.anyio
+async def test_syncer_sends_a_base_after_a_delta_failed_to_write(
+    client: TrainingClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from asyncrl.errors import SnapshotError
+
+    mgr = FakeDeployManager()
+    syncer = WeightSyncer(client, mgr, deployment=None)
+    await syncer.save_and_hotload("s0")
+    train_step(client, 1)
+
+    def full_disk(f: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(snapshot, "_flush_and_sync", full_disk)
+        with pytest.raises(SnapshotError):
+            await syncer.save_and_hotload("s1")
+    train_step(client, 2)
+    await syncer.save_and_hotload("s2")  # the delta cannot be computed: a base instead
+    assert [kind for kind, _ in mgr.loaded] == ["base", "base"]
+    assert mgr.current is not None and mgr.current.identity == client._last_identity
+    train_step(client, 3)
+    await syncer.save_and_hotload("s3")
+    assert mgr.loaded[-1][0] == "delta"

@@ -14,6 +14,11 @@
  *       changed: -1 (owned is still written whole; gaps/values then hold garbage). gaps and
  *       values must hold cap + SLACK entries (whole vectors are stored). bf16 rounding is
  *       round-to-nearest-even and a NaN becomes 0xFFFF, as torch converts on the CPU.
+ *       ``owned`` may be ``prev`` itself (the same buffer): prev then becomes the new bytes in
+ *       place, the AVX-512 loop writing only the vectors that changed (a few % of the elements
+ *       change after a small step, so most cache lines are only read), and more than ``cap``
+ *       changed answers -1 with prev restored as it was. Any other overlap of owned with prev
+ *       or src is a ValueError.
  *       ``portable`` forces the portable loop where the AVX-512 one would run (``SIMD`` names
  *       the default).
  *   sparse_planes16(gaps, values, count, out) -> width
@@ -89,7 +94,8 @@ static inline __m128i bf16x8(const uint32_t *src)
 #endif
 
 /* Convert (or copy) source elements [i, i + BLOCK) into owned[0..BLOCK), their XOR with prev
- * into diff, and return the mask of the elements that changed. */
+ * into diff, and return the mask of the elements that changed. prev is read before owned is
+ * written: owned may be prev. */
 static inline uint32_t block16(const void *src, int f32, Py_ssize_t i, const uint16_t *prev,
                                uint16_t *owned, uint16_t *diff)
 {
@@ -114,8 +120,9 @@ static inline uint32_t block16(const void *src, int f32, Py_ssize_t i, const uin
 #else
     uint32_t mask = 0;
     for (int j = 0; j < BLOCK; j++) {
-        owned[j] = converted(src, f32, i + j);
-        diff[j] = (uint16_t)(owned[j] ^ prev[j]);
+        uint16_t o = converted(src, f32, i + j);
+        diff[j] = (uint16_t)(o ^ prev[j]); /* read before owned (maybe prev) is written */
+        owned[j] = o;
         mask |= (uint32_t)(diff[j] != 0) << j;
     }
     return mask;
@@ -127,6 +134,18 @@ static inline uint32_t block16(const void *src, int f32, Py_ssize_t i, const uin
  * than `cap` changed. Both may store up to SLACK entries past `cap` (whole vectors). */
 #define SLACK 64
 #define GROUP 64
+
+/* In place (owned is prev), a chunk with more than cap changed: put back the previous bytes
+ * of the `count` changed elements recorded so far (every element written since the start
+ * differs from its previous value by exactly the recorded diff, or was written unchanged). */
+static Py_ssize_t undo(uint16_t *prev, const uint32_t *pos, const uint16_t *values,
+                       Py_ssize_t count)
+{
+    for (Py_ssize_t k = 0; k < count; k++) {
+        prev[pos[k]] ^= values[k];
+    }
+    return -1;
+}
 
 static void to_gaps(uint32_t *gaps, Py_ssize_t count)
 {
@@ -142,6 +161,7 @@ static Py_ssize_t encode_portable(const void *src, int f32, const uint16_t *prev
                                   Py_ssize_t n, uint32_t *pos, uint16_t *values, Py_ssize_t cap)
 {
     Py_ssize_t count = 0;
+    const int in_place = owned == prev;
     uint16_t diff[GROUP];
     for (Py_ssize_t i = 0; i < n; i += GROUP) {
         uint64_t mask = 0;
@@ -152,8 +172,9 @@ static Py_ssize_t encode_portable(const void *src, int f32, const uint16_t *prev
             }
         } else { /* the tail, one element at a time */
             for (Py_ssize_t j = 0; i + j < n; j++) {
-                owned[i + j] = converted(src, f32, i + j);
-                diff[j] = (uint16_t)(owned[i + j] ^ prev[i + j]);
+                uint16_t o = converted(src, f32, i + j);
+                diff[j] = (uint16_t)(o ^ prev[i + j]);
+                owned[i + j] = o;
                 mask |= (uint64_t)(diff[j] != 0) << j;
             }
         }
@@ -165,6 +186,9 @@ static Py_ssize_t encode_portable(const void *src, int f32, const uint16_t *prev
             pos[count] = (uint32_t)(i + j);
             values[count++] = diff[j];
             mask &= mask - 1;
+        }
+        if (in_place && count > cap) {
+            return undo(owned, pos, values, count);
         }
     }
     return count > cap ? -1 : count;
@@ -185,6 +209,7 @@ encode_avx512(const void *src, int f32, const uint16_t *prev, uint16_t *owned, P
     const __m512i thirty_two = _mm512_set1_epi32(32);
     __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     Py_ssize_t count = 0, i = 0;
+    const int in_place = owned == prev;
     for (; i + 32 <= n; i += 32, idx = _mm512_add_epi32(idx, thirty_two)) {
         __m512i o;
         if (f32) {
@@ -201,9 +226,11 @@ encode_avx512(const void *src, int f32, const uint16_t *prev, uint16_t *owned, P
         } else {
             o = _mm512_loadu_si512((const uint16_t *)src + i);
         }
-        _mm512_storeu_si512(owned + i, o);
         __m512i d = _mm512_xor_si512(o, _mm512_loadu_si512(prev + i));
         __mmask32 k = _mm512_test_epi16_mask(d, d);
+        if (k || !in_place) { /* in place, an unchanged vector is not written */
+            _mm512_storeu_si512(owned + i, o);
+        }
         if (count > cap) {
             continue; /* dense: only convert the rest */
         }
@@ -214,13 +241,20 @@ encode_avx512(const void *src, int f32, const uint16_t *prev, uint16_t *owned, P
         _mm512_storeu_si512(pos + count,
                             _mm512_maskz_compress_epi32(hi, _mm512_add_epi32(idx, sixteen)));
         count += _mm_popcnt_u32(hi);
+        if (in_place && count > cap) {
+            return undo(owned, pos, values, count);
+        }
     }
     for (; i < n; i++) { /* the tail */
-        owned[i] = converted(src, f32, i);
-        uint16_t d = (uint16_t)(owned[i] ^ prev[i]);
+        uint16_t o = converted(src, f32, i);
+        uint16_t d = (uint16_t)(o ^ prev[i]);
+        owned[i] = o;
         if (d && count <= cap) {
             pos[count] = (uint32_t)i;
             values[count++] = d;
+        }
+        if (in_place && count > cap) {
+            return undo(owned, pos, values, count);
         }
     }
     return count > cap ? -1 : count;
@@ -279,6 +313,13 @@ static int check_size(const Py_buffer *b, Py_ssize_t elements, Py_ssize_t itemsi
     return 1;
 }
 
+/* Whether two buffers share any byte. */
+static int overlap(const Py_buffer *a, const Py_buffer *b)
+{
+    uintptr_t p = (uintptr_t)a->buf, q = (uintptr_t)b->buf;
+    return a->len > 0 && b->len > 0 && p < q + (uintptr_t)b->len && q < p + (uintptr_t)a->len;
+}
+
 static PyObject *encode_common(PyObject *args, int f32)
 {
     Py_buffer src, prev, owned, gaps, values;
@@ -295,6 +336,11 @@ static PyObject *encode_common(PyObject *args, int f32)
              check_size(&src, n, f32 ? 4 : 2, "src") &&
              check_size(&owned, n, 2, "owned") && check_size(&gaps, cap + SLACK, 4, "gaps") &&
              check_size(&values, cap + SLACK, 2, "values");
+    if (ok && ((owned.buf != prev.buf && overlap(&owned, &prev)) || overlap(&owned, &src))) {
+        PyErr_SetString(PyExc_ValueError, "owned must be prev itself (in place) or share no "
+                                          "byte with prev and src");
+        ok = 0;
+    }
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         changed = encode16(src.buf, f32, prev.buf, owned.buf, n, gaps.buf, values.buf, cap,

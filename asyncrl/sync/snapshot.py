@@ -50,7 +50,9 @@ Invariants:
 - The identity of a snapshot is a hash of its sorted (name, dtype, shape, checksum) list:
   equal weights give equal identities, whatever the name, kind or time they were written.
 - A ``HostSnapshot`` owns its bytes (read-only numpy arrays, never a view of a caller's tensor
-  or of a live model). Deltas are computed against it and applied to it.
+  or of a live model). Deltas are computed against it and applied to it; ``write_delta(...,
+  in_place=True)`` (the trainer's) and an applied delta (the worker's) turn its bytes into the
+  new snapshot's, after which only the new snapshot may be used.
 - ``apply_snapshot`` verifies everything (blob checksums, sizes, result checksums, identity)
   before it returns, and raises rather than return wrong bytes. It mutates ``current`` only
   when asked to (``in_place``), and only after the whole snapshot has been verified: the
@@ -337,6 +339,23 @@ def make_host_snapshot(
     return _host_snapshot(raw, dict(zip(names, digests, strict=True)))
 
 
+def shares_bytes(a: HostSnapshot, b: HostSnapshot) -> bool:
+    """Whether any tensor of ``a`` lies in memory that a tensor of ``b`` uses too."""
+    spans = sorted(
+        (start, start + raw.data.nbytes, side)
+        for side, snap in enumerate((a, b))
+        for raw in snap.tensors.values()
+        if raw.data.nbytes
+        for start in (raw.data.__array_interface__["data"][0],)
+    )
+    ends = [0, 0]  # the furthest end so far of a's spans and of b's
+    for start, end, side in spans:
+        if start < ends[1 - side]:
+            return True
+        ends[side] = max(ends[side], end)
+    return False
+
+
 def changed_layer_groups(names: Iterable[str], all_names: Iterable[str]) -> list[str]:
     """Tensor names to reload so every touched decoder layer (``...layers.N.``) is reloaded
     whole (vLLM fuses q/k/v and gate/up); other tensors are reloaded individually.
@@ -400,6 +419,7 @@ def write_delta(
     dtype: str | None = None,
     level: int = DEFAULT_ZSTD_LEVEL,
     workers: int | None = None,
+    in_place: bool = False,
 ) -> tuple[SnapshotManifest, HostSnapshot]:
     """Write ``root/name`` as a delta of ``tensors`` against ``previous``; unchanged tensors
     carry no blob. A tensor set that differs from ``previous`` raises ``DeltaChainError``.
@@ -408,14 +428,21 @@ def write_delta(
     the tensors' own. The tensors are then converted chunk by chunk inside the encoder, e.g.
     straight from a trainer's fp32 parameters (no full-size converted copy is made first);
     tensors on an accelerator are converted there and copied to the host one at a time, as
-    their encoding starts. The tensors must not change while this runs."""
+    their encoding starts. The tensors must not change while this runs.
+
+    ``in_place=True`` CONSUMES ``previous``: the bytes of each changed tensor are turned into
+    the new ones where they lie and become the returned snapshot's, so the host holds one copy
+    of the model instead of two, no fresh memory is faulted in, and the encoder writes only
+    the cache lines that changed. ``previous`` must not be used afterwards, also when this
+    raises (its bytes may then be part old, part new). A tensor whose array numpy will not
+    let be written is copied as without it."""
     root, target = _target_dir(root, name)
     sources = {n: _source(t, dtype) for n, t in tensors.items()}
     _check_same_tensor_set(sources, previous)
     names = sorted(sources)
     encoded = dict(zip(names, _parallel_map(
-        lambda n: _encode_tensor(previous.tensors[n].data, sources[n], level), names, workers,
-        cost=lambda n: previous.tensors[n].data.nbytes), strict=True))
+        lambda n: _encode_tensor(previous.tensors[n].data, sources[n], level, in_place=in_place),
+        names, workers, cost=lambda n: previous.tensors[n].data.nbytes), strict=True))
     snapshot = _host_snapshot(
         {n: previous.tensors[n] if e.raw is None else previous.tensors[n]._replace(data=e.raw)
          for n, e in encoded.items()},
@@ -633,6 +660,8 @@ def _host_snapshot(raw: Mapping[str, RawTensor], digests: Mapping[str, str]) -> 
 
 
 def _tensor_of(raw: RawTensor) -> torch.Tensor:
+    if raw.data.nbytes == 0:  # torch cannot re-view an empty array (its stride may be 0)
+        return torch.empty(raw.shape, dtype=_DTYPES[raw.dtype][0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only numpy arrays
         flat = torch.from_numpy(raw.data)
@@ -781,19 +810,37 @@ def _elements(data: np.ndarray, itemsize: int) -> np.ndarray:
     return data.view(_UINTS[itemsize])
 
 
-def _encode_tensor(previous: np.ndarray, source: _Source, level: int) -> _Encoded:
+def _encode_tensor(
+    previous: np.ndarray, source: _Source, level: int, *, in_place: bool = False
+) -> _Encoded:
     """One pass over ``source``, chunk by chunk while it is in cache: convert (or copy) it into
-    bytes the snapshot owns, XOR with ``previous``, filter + zstd the chunk, hash the bytes."""
+    bytes the snapshot owns (``previous`` itself with ``in_place``, where numpy lets it be
+    written), XOR with ``previous``, filter + zstd the chunk, hash the bytes."""
     source = _on_host(source)
     itemsize = _itemsize(source.dtype)
     if previous.nbytes != source.flat.numel() * itemsize:
         raise ValueError(f"delta of {previous.nbytes} bytes against "
                          f"{source.flat.numel() * itemsize} bytes")
-    prev_e = _elements(previous, itemsize)
-    n, step = prev_e.size, _chunk_elements(itemsize)
+    n, step = previous.nbytes // itemsize, _chunk_elements(itemsize)
     if n == 0:  # an empty tensor never changes (and torch cannot re-view it)
         return _Encoded(None, None, None)
-    owned = _BUFFERS.take(previous.nbytes)
+    owned = previous if in_place and _make_writable(previous) else _BUFFERS.take(previous.nbytes)
+    prev_e = _elements(previous, itemsize)  # writable when it is owned
+    try:
+        digest, frames = _encode_chunks(source, prev_e, owned, level)
+    finally:
+        owned.flags.writeable = False
+    if not any(frames):
+        return _Encoded(None, None, None)
+    return _Encoded(owned, digest, _blob(n, step, frames))
+
+
+def _encode_chunks(
+    source: _Source, prev_e: np.ndarray, owned: np.ndarray, level: int
+) -> tuple[str, list[bytes]]:
+    """Write the new bytes to ``owned`` (which may be ``prev_e``'s own) chunk by chunk; the
+    checksum of the new bytes and each chunk's frame (empty: unchanged)."""
+    itemsize, n, step = prev_e.itemsize, prev_e.size, _chunk_elements(prev_e.itemsize)
     owned_e = owned.view(prev_e.dtype)
     chunk = _fused_chunk_encoder(source, prev_e, owned_e, level) or _ChunkEncoder(
         source, prev_e, owned, level)
@@ -803,39 +850,53 @@ def _encode_tensor(previous: np.ndarray, source: _Source, level: int) -> _Encode
         stop = min(n, start + step)
         frames.append(chunk(start, stop))
         hasher.update(_buffer(owned[start * itemsize : stop * itemsize]))
-    if not any(frames):
-        return _Encoded(None, None, None)
-    owned.flags.writeable = False
+    return hasher.hexdigest(), frames
+
+
+def _blob(n: int, step: int, frames: list[bytes]) -> bytes:
+    """A tensor's delta blob: header, frame lengths, frames."""
     lengths = np.array([len(f) for f in frames], dtype="<u4")
     header = _BLOB_HEADER.pack(_BLOB_MAGIC, n, step, len(frames))
-    blob = b"".join([header, lengths.tobytes(), *frames])
-    return _Encoded(owned, hasher.hexdigest(), blob)
+    return b"".join([header, lengths.tobytes(), *frames])
 
 
 class _ChunkEncoder:
     """The numpy path: ``owned[start:stop] = source``, then the frame of ``previous XOR
-    owned`` over that range (empty when unchanged), with scratch buffers reused across chunks."""
+    owned`` over that range (empty when unchanged), with scratch buffers reused across chunks.
+    In place (``owned`` is ``previous``'s array), each chunk is converted into a scratch chunk
+    first and copied over ``previous`` once its frame is made."""
 
     def __init__(self, source: _Source, prev_e: np.ndarray, owned: np.ndarray, level: int):
         self.itemsize = prev_e.itemsize
         self.source, self.prev_e, self.owned_e = source, prev_e, owned.view(prev_e.dtype)
-        self.owned_t = torch.from_numpy(owned).view(_DTYPES[source.dtype][0])  # writable
         size = min(prev_e.size, _chunk_elements(self.itemsize))
+        self.in_place = np.may_share_memory(owned, prev_e)
+        self.new = np.empty(size, prev_e.dtype) if self.in_place else None
+        self.new_t = torch.from_numpy(self.owned_e if self.new is None else self.new).view(
+            _DTYPES[source.dtype][0])  # writable
         self.diff = np.empty(size, prev_e.dtype)
         self.planes = np.empty(self.diff.nbytes + 1, np.uint8)
         self.mask = np.empty(size, np.bool_)
         self.compressor = _compressor(level)
 
     def __call__(self, start: int, stop: int) -> bytes:
-        self.owned_t[start:stop].copy_(self.source.flat[start:stop])
+        at = slice(0, stop - start) if self.in_place else slice(start, stop)
+        self.new_t[at].copy_(self.source.flat[start:stop])
+        new = self.owned_e[at] if self.new is None else self.new[at]
         diff = self.diff[: stop - start]
-        np.bitwise_xor(self.prev_e[start:stop], self.owned_e[start:stop], out=diff)
+        np.bitwise_xor(self.prev_e[start:stop], new, out=diff)
+        frame = self._frame(diff, stop - start)
+        if self.new is not None and frame:
+            np.copyto(self.prev_e[start:stop], new)
+        return frame
+
+    def _frame(self, diff: np.ndarray, elements: int) -> bytes:
         positions = _changed_positions(diff, self.itemsize, self.mask)
         if positions is None:
             return _planes_frame(diff, self.compressor, self.planes)
         if positions.size == 0:
             return b""
-        frame = _codes_frame if _packs_codes(positions.size, stop - start, self.itemsize) \
+        frame = _codes_frame if _packs_codes(positions.size, elements, self.itemsize) \
             else _sparse_frame
         return frame(_encode_gaps(positions), diff[positions], self.compressor)
 
@@ -859,19 +920,27 @@ def _fused_chunk_encoder(
     values = np.empty(cap + _xorkernel.SLACK, prev_e.dtype)
     payload = np.empty(_CODES_HEADER.size + 7 * cap, np.uint8)  # a sparse frame's content
     compressor = _compressor(level)
-    dense: tuple[np.ndarray, np.ndarray] | None = None  # diff + planes, made when first needed
+    in_place = np.may_share_memory(owned_e, prev_e)
+    # diff + planes (+ the new bytes in place), made when first needed
+    dense: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def encode(start: int, stop: int) -> bytes:
         nonlocal dense
         chunk_cap = int(SPARSE_MAX_DENSITY * (stop - start))
         changed = kernel(flat[start:stop], prev_e[start:stop], owned_e[start:stop],
                          gaps, values, chunk_cap)
-        if changed < 0:
+        if changed < 0:  # in place, the kernel left this chunk of prev as it was
             if dense is None:
-                dense = np.empty(size, prev_e.dtype), np.empty(2 * size + 1, np.uint8)
-            diff = np.bitwise_xor(prev_e[start:stop], owned_e[start:stop],
-                                  out=dense[0][: stop - start])
-            return _planes_frame(diff, compressor, dense[1])
+                dense = (np.empty(size, prev_e.dtype), np.empty(2 * size + 1, np.uint8),
+                         np.empty(size if in_place else 0, prev_e.dtype))
+            new = dense[2][: stop - start] if in_place else owned_e[start:stop]
+            if in_place:
+                kernel(flat[start:stop], prev_e[start:stop], new, gaps, values, 0)
+            diff = np.bitwise_xor(prev_e[start:stop], new, out=dense[0][: stop - start])
+            frame = _planes_frame(diff, compressor, dense[1])
+            if in_place:
+                np.copyto(prev_e[start:stop], new)
+            return frame
         if changed == 0:
             return b""
         if _packs_codes(changed, stop - start, 2):

@@ -470,7 +470,12 @@ class TrainingClient:
         snapshot this client wrote), byte-plane shuffled and zstd-compressed; a delta with no
         base in the chain raises DeltaChainError. ``source_identity`` writes the weights of an
         earlier snapshot of this client (kept host-side) instead of the live weights: a base
-        that replaces a rejected delta holds exactly that delta's weights."""
+        that replaces a rejected delta holds exactly that delta's weights.
+
+        A delta of the live weights is written over the host bytes of the snapshot it is
+        computed on (one host copy of the model, not two), which is then no longer held, also
+        when the write fails: the next delta is computed against the new snapshot, and one on
+        the consumed identity raises DeltaChainError (the weight syncer then sends a base)."""
         if checkpoint_type not in ("base", "delta"):
             raise ConfigError(f"checkpoint_type must be 'base' or 'delta', got {checkpoint_type!r}")
         return self._worker.submit(
@@ -510,15 +515,21 @@ class TrainingClient:
         # write fails they stay dropped: a later delta on one of them is a DeltaChainError (the
         # weight syncer then sends a base)
         self._keep_only(previous, source, self._last_identity)
+        # a delta of the live weights turns the previous snapshot's bytes into the new ones in
+        # place (no second host copy of the model), unless another held snapshot shares them
+        in_place = kind == "delta" and source is None and self._exclusive(previous)
         try:
-            host = self._write_snapshot(name, kind, tensors, previous)
+            host = self._write_snapshot(name, kind, tensors, previous, in_place)
         except OSError as exc:  # snapshot.py removed its temp dir: nothing looks valid
             raise SnapshotError(
                 f"cannot write sampler snapshot {self.sampler_root / name}: "
                 f"{train_state.describe_os_error(exc)}; nothing was saved"
             ) from exc
+        finally:
+            if in_place and previous is not None:  # consumed, also by a failed write (its
+                self._host_snapshots.pop(previous, None)  # bytes may then be half turned)
         t2 = time.perf_counter()
-        self._remember(host, keep=previous)
+        self._remember(host, keep=None if in_place else previous)
         path = self.sampler_root / name
         nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         log.info(
@@ -534,7 +545,12 @@ class TrainingClient:
         )
 
     def _write_snapshot(
-        self, name: str, kind: str, tensors: dict[str, torch.Tensor], previous: str | None
+        self,
+        name: str,
+        kind: str,
+        tensors: dict[str, torch.Tensor],
+        previous: str | None,
+        in_place: bool = False,
     ) -> Any:
         from asyncrl.sync import snapshot
 
@@ -546,8 +562,20 @@ class TrainingClient:
             )[1]
         assert previous is not None
         return snapshot.write_delta(
-            self.sampler_root, name, tensors, self._host_snapshots[previous], dtype=dtype
+            self.sampler_root, name, tensors, self._host_snapshots[previous], dtype=dtype,
+            in_place=in_place,
         )[1]
+
+    def _exclusive(self, identity: str | None) -> bool:
+        """Whether no other held snapshot shares bytes with ``identity``'s (a delta written
+        from another held snapshot's weights keeps the arrays of its unchanged tensors)."""
+        from asyncrl.sync import snapshot
+
+        held = self._host_snapshots.get(identity) if identity is not None else None
+        return held is not None and not any(
+            snapshot.shares_bytes(held, other)
+            for key, other in self._host_snapshots.items() if key != identity
+        )
 
     def _keep_only(self, *identities: str | None) -> None:
         """Drop the host bytes of every snapshot but these (freed buffers are reused)."""
