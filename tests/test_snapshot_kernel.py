@@ -112,17 +112,26 @@ def test_nan_and_edge_values_convert_as_torch_does_in_both_loops() -> None:
         assert np.array_equal(owned, want) and (owned[torch.isnan(src).numpy()] == 0xFFFF).all()
 
 
+def encoder_case(
+    density: float, convert: bool, n: int = 10_000 + 37, seed: int = 11
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+    """(src, prev, new bytes, encoder) with about ``density`` of the elements changed."""
+    rng = np.random.default_rng(seed)
+    fp32 = rng.standard_normal(n).astype(np.float32)
+    new = torch.from_numpy(fp32).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    src, encode = (fp32, kernel.encode_f32_bf16) if convert else (new, kernel.encode_copy16)
+    prev = new.copy()
+    hit = rng.random(n) < density
+    prev[hit] ^= rng.integers(1, 1 << 16, int(hit.sum()), dtype=np.uint16)
+    return src, prev, new, encode
+
+
 @pytest.mark.parametrize("density", [0.0, 0.04, 0.5, 0.51, 1.0])
 @pytest.mark.parametrize("convert", [True, False])
 def test_vector_and_portable_loops_agree(density: float, convert: bool) -> None:
-    rng = np.random.default_rng(7)
-    n = 10_000 + 37
-    fp32 = rng.standard_normal(n).astype(np.float32)
-    owned_ref = torch.from_numpy(fp32).bfloat16().view(torch.int16).numpy().view(np.uint16)
-    src, encode = (fp32, kernel.encode_f32_bf16) if convert else (owned_ref, kernel.encode_copy16)
-    prev = owned_ref.copy()
-    hit = rng.random(n) < density
-    prev[hit] ^= rng.integers(1, 1 << 16, int(hit.sum()), dtype=np.uint16)
+    src, prev, owned_ref, encode = encoder_case(density, convert, seed=7)
+    n = owned_ref.size
+    hit = prev != owned_ref
     cap = n // 2
     results = []
     for portable in (False, True):
@@ -146,20 +155,6 @@ def test_vector_and_portable_loops_agree(density: float, convert: bool) -> None:
         assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-def in_place_case(
-    density: float, convert: bool, n: int = 10_000 + 37
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-    """(src, prev, new bytes, encoder) with about ``density`` of the elements changed."""
-    rng = np.random.default_rng(11)
-    fp32 = rng.standard_normal(n).astype(np.float32)
-    new = torch.from_numpy(fp32).bfloat16().view(torch.int16).numpy().view(np.uint16)
-    src, encode = (fp32, kernel.encode_f32_bf16) if convert else (new, kernel.encode_copy16)
-    prev = new.copy()
-    hit = rng.random(n) < density
-    prev[hit] ^= rng.integers(1, 1 << 16, int(hit.sum()), dtype=np.uint16)
-    return src, prev, new, encode
-
-
 def encode_in_place(
     encode: Any, src: np.ndarray, prev: np.ndarray, cap: int, portable: bool
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
@@ -177,7 +172,7 @@ def encode_in_place(
 def test_in_place_encoding_equals_a_copy_and_gives_up_on_dense_chunks_untouched(
     density: float, convert: bool, portable: bool
 ) -> None:
-    src, prev, new, encode = in_place_case(density, convert)
+    src, prev, new, encode = encoder_case(density, convert)
     cap = new.size // 2
     owned = np.empty_like(prev)
     gaps = np.empty(cap + kernel.SLACK, np.uint32)
@@ -200,7 +195,7 @@ def test_in_place_encoding_that_overflows_in_the_tail_restores_prev(
     """Changes only in the last elements, past every whole vector / group of 64: with one
     more change than ``cap`` the tail loop gives up and restores what it wrote."""
     n, cap = 10_000 + 37, 10
-    src, _, new, encode = in_place_case(0.0, True, n)
+    src, _, new, encode = encoder_case(0.0, True, n)
     prev = new.copy()
     prev[n - cap - extra:] ^= 1
     changed, _, _, after = encode_in_place(encode, src, prev, cap, portable)
@@ -211,7 +206,7 @@ def test_in_place_encoding_that_overflows_in_the_tail_restores_prev(
 
 
 def test_encoder_buffers_that_overlap_are_rejected() -> None:
-    src, prev, _, encode = in_place_case(0.04, False, 1000)
+    src, prev, _, encode = encoder_case(0.04, False, 1000)
     gaps, values = np.empty(500 + kernel.SLACK, np.uint32), np.empty(500 + kernel.SLACK, np.uint16)
     shifted = np.empty(1001, np.uint16)
     shifted[:1000] = prev
