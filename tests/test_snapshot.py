@@ -696,6 +696,60 @@ def test_in_place_delta_on_bytes_numpy_cannot_write_copies_them(tmp_path: Path) 
     assert new.tensors["lm_head.weight"].data is not held.tensors["lm_head.weight"].data
 
 
+def test_in_place_delta_of_tensors_sharing_one_array_writes_copies(tmp_path: Path) -> None:
+    w = torch.randn(64, 8)
+    shared = from_torch({"x": w}, "bfloat16")["x"]
+    held = make_host_snapshot({"model.a.weight": shared, "model.b.weight": shared})
+    manifest, new = write_delta(tmp_path, "d1", {"model.a.weight": w + 1, "model.b.weight": w + 1},
+                                held, dtype="bfloat16", in_place=True, workers=1)
+    assert manifest.changed == ["model.a.weight", "model.b.weight"]
+    for name, raw in new.tensors.items():
+        assert snap.checksum(raw.data) == new.checksums[name]
+        assert raw.data.tobytes() == (w + 1).bfloat16().view(torch.uint8).numpy().tobytes()
+    assert shared.data.tobytes() == w.bfloat16().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_in_place_delta_of_tensors_viewing_the_previous_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_kernel: bool
+) -> None:
+    if not use_kernel:
+        monkeypatch.setattr(snap, "_xorkernel", None)
+    w0 = model()
+    held = make_host_snapshot(from_torch(w0))
+    lm_head = held.tensors["lm_head.weight"].data
+    changed = nudge(w0, ["lm_head.weight"])["lm_head.weight"]
+    tensors = {**to_torch(held), "lm_head.weight": changed}  # the others view held's bytes
+    manifest, new = write_delta(tmp_path, "d1", tensors, held, in_place=True)
+    assert manifest.changed == ["lm_head.weight"]
+    assert new.tensors["lm_head.weight"].data is lm_head  # turned where it lies
+    assert_same_bytes(to_torch(new), {**w0, "lm_head.weight": changed})
+
+
+def test_in_place_delta_that_fails_leaves_every_array_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = snap._compressor(snap.DEFAULT_ZSTD_LEVEL)
+    calls = []
+
+    class FailingThirdFrame:
+        def compress(self, data: Any) -> bytes:
+            calls.append(1)
+            if len(calls) == 3:
+                raise OSError("injected: compressor failed")
+            return real.compress(data)
+
+    monkeypatch.setattr(snap, "_compressor", lambda level: FailingThirdFrame())
+    w0 = model()
+    held = make_host_snapshot(from_torch(w0))
+    w1 = nudge(w0, list(w0))
+    with pytest.raises(OSError, match="injected"):
+        write_delta(tmp_path, "d1", w1, held, in_place=True, workers=1)
+    assert len(calls) == 3
+    assert all(not raw.data.flags.writeable for raw in held.tensors.values())
+    assert list_snapshots(tmp_path) == []
+
+
 def test_shares_bytes_finds_any_overlap() -> None:
     buffer = np.zeros(100, np.uint8)
 

@@ -155,14 +155,20 @@ def test_vector_and_portable_loops_agree(density: float, convert: bool) -> None:
         assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+GUARD = 16  # entries past cap + SLACK that no encoder may write
+
+
 def encode_in_place(
     encode: Any, src: np.ndarray, prev: np.ndarray, cap: int, portable: bool
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """(changed, gaps, values, the bytes after) of an in-place encoding of a copy of prev."""
+    """(changed, gaps, values, the bytes after) of an in-place encoding of a copy of prev;
+    the entries past cap + SLACK of gaps and values must be left alone."""
     target = prev.copy()
-    gaps = np.empty(cap + kernel.SLACK, np.uint32)
-    values = np.empty(cap + kernel.SLACK, np.uint16)
-    changed = encode(src, target, target, gaps, values, cap, portable)
+    gaps = np.full(cap + kernel.SLACK + GUARD, 0xDEADBEEF, np.uint32)
+    values = np.full(cap + kernel.SLACK + GUARD, 0xBEEF, np.uint16)
+    changed = encode(src, target, target, gaps[: cap + kernel.SLACK],
+                     values[: cap + kernel.SLACK], cap, portable)
+    assert (gaps[-GUARD:] == 0xDEADBEEF).all() and (values[-GUARD:] == 0xBEEF).all()
     return changed, gaps[: max(changed, 0)], values[: max(changed, 0)], target
 
 
@@ -206,7 +212,7 @@ def test_in_place_encoding_that_overflows_in_the_tail_restores_prev(
 
 
 def test_encoder_buffers_that_overlap_are_rejected() -> None:
-    src, prev, _, encode = encoder_case(0.04, False, 1000)
+    src, prev, new, encode = encoder_case(0.04, False, 1000)
     gaps, values = np.empty(500 + kernel.SLACK, np.uint32), np.empty(500 + kernel.SLACK, np.uint16)
     shifted = np.empty(1001, np.uint16)
     shifted[:1000] = prev
@@ -215,6 +221,13 @@ def test_encoder_buffers_that_overlap_are_rejected() -> None:
     with pytest.raises(ValueError, match="owned"):  # owned is the source
         encode(src, prev, src, gaps, values, 500)
     assert np.array_equal(shifted[:1000], prev)
+    # adjacent buffers share no byte; nor does an empty one
+    both = np.empty(2000, np.uint16)
+    both[:1000] = prev
+    assert encode(src, both[:1000], both[1000:], gaps, values, 500) > 0
+    assert np.array_equal(both[1000:], new) and np.array_equal(both[:1000], prev)
+    empty = np.empty(0, np.uint16)
+    assert encode(empty, empty, empty, gaps, values, 0) == 0
 
 
 def test_buffers_too_small_are_rejected() -> None:

@@ -341,18 +341,28 @@ def make_host_snapshot(
 
 def shares_bytes(a: HostSnapshot, b: HostSnapshot) -> bool:
     """Whether any tensor of ``a`` lies in memory that a tensor of ``b`` uses too."""
-    spans = sorted(
-        (start, start + raw.data.nbytes, side)
-        for side, snap in enumerate((a, b))
-        for raw in snap.tensors.values()
-        if raw.data.nbytes
-        for start in (raw.data.__array_interface__["data"][0],)
-    )
+    spans = sorted((*span, side) for side, snap in enumerate((a, b)) for span in _spans(snap))
     ends = [0, 0]  # the furthest end so far of a's spans and of b's
     for start, end, side in spans:
         if start < ends[1 - side]:
             return True
         ends[side] = max(ends[side], end)
+    return False
+
+
+def _spans(snapshot: HostSnapshot) -> list[tuple[int, int]]:
+    """The (start, end) addresses of the snapshot's non-empty tensors."""
+    return [(start, start + raw.data.nbytes) for raw in snapshot.tensors.values()
+            if raw.data.nbytes for start in (raw.data.__array_interface__["data"][0],)]
+
+
+def _shares_within(snapshot: HostSnapshot) -> bool:
+    """Whether two tensors of one snapshot share any byte."""
+    end = 0
+    for start, stop in sorted(_spans(snapshot)):
+        if start < end:
+            return True
+        end = max(end, stop)
     return False
 
 
@@ -432,14 +442,17 @@ def write_delta(
 
     ``in_place=True`` CONSUMES ``previous``: the bytes of each changed tensor are turned into
     the new ones where they lie and become the returned snapshot's, so the host holds one copy
-    of the model instead of two, no fresh memory is faulted in, and the encoder writes only
-    the cache lines that changed. ``previous`` must not be used afterwards, also when this
-    raises (its bytes may then be part old, part new). A tensor whose array numpy will not
-    let be written is copied as without it."""
+    of the model instead of two and no fresh memory is faulted in (the AVX-512 loop also
+    writes only the 64-byte vectors that changed). ``previous`` must not be used afterwards,
+    also when this raises (its bytes may then be part old, part new). Written as copies, as
+    without it: the tensors of a ``previous`` whose tensors share bytes with each other, a
+    tensor whose source lies in its bytes, and one whose array numpy will not let be
+    written."""
     root, target = _target_dir(root, name)
     sources = {n: _source(t, dtype) for n, t in tensors.items()}
     _check_same_tensor_set(sources, previous)
     names = sorted(sources)
+    in_place = in_place and not _shares_within(previous)
     encoded = dict(zip(names, _parallel_map(
         lambda n: _encode_tensor(previous.tensors[n].data, sources[n], level, in_place=in_place),
         names, workers, cost=lambda n: previous.tensors[n].data.nbytes), strict=True))
@@ -824,15 +837,24 @@ def _encode_tensor(
     n, step = previous.nbytes // itemsize, _chunk_elements(itemsize)
     if n == 0:  # an empty tensor never changes (and torch cannot re-view it)
         return _Encoded(None, None, None)
+    in_place = in_place and not _overlaps(source.flat, previous)
     owned = previous if in_place and _make_writable(previous) else _BUFFERS.take(previous.nbytes)
-    prev_e = _elements(previous, itemsize)  # writable when it is owned
     try:
+        prev_e = _elements(previous, itemsize)  # writable when it is owned
         digest, frames = _encode_chunks(source, prev_e, owned, level)
     finally:
         owned.flags.writeable = False
     if not any(frames):
         return _Encoded(None, None, None)
     return _Encoded(owned, digest, _blob(n, step, frames))
+
+
+def _overlaps(tensor: torch.Tensor, data: np.ndarray) -> bool:
+    """Whether a (host) tensor's elements share any byte with ``data``."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or data.nbytes == 0:
+        return False
+    start, at = tensor.data_ptr(), data.__array_interface__["data"][0]
+    return start < at + data.nbytes and at < start + tensor.numel() * tensor.element_size()
 
 
 def _encode_chunks(
