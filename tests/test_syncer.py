@@ -90,6 +90,8 @@ async def test_base_then_deltas_reproduce_trainer_bytes(client: TrainingClient) 
         await syncer.save_and_hotload(f"s{step}")
     assert [k for k, _ in mgr.loaded] == ["base", "delta", "delta", "delta"]
     assert syncer.previous_snapshot_identity == mgr.current.identity
+    # each delta was written over the bytes of the one before: one host copy of the model
+    assert list(client._host_snapshots) == [mgr.current.identity]
     # what the "deployment" holds is exactly the trainer's weights in the serving dtype
     served = snapshot.to_torch(mgr.current)
     import torch
@@ -221,15 +223,15 @@ def test_a_save_drops_what_it_will_not_keep_before_writing(
         kind = "base" if i == 0 else "delta"
         ids.append(client.save_weights_for_sampler_ext(f"s{i}", kind).result().snapshot_identity)
     assert held_during_write == [set(), {ids[0]}, {ids[1]}]
-    # each delta turned the bytes it was computed on into its own: one copy of the model
-    assert set(client._host_snapshots) == {ids[2]}
+    assert set(client._host_snapshots) == {ids[1], ids[2]}
     # a side export keeps the chain's head: the next delta is still computed against it
     export = client.save_weights_for_sampler_ext("export", "base").result().snapshot_identity
     assert held_during_write[-1] == {ids[2]}
     result = client.save_weights_for_sampler_ext(
-        "s3", "delta", previous_snapshot_identity=ids[2]).result()
+        "s3", "delta", previous_snapshot_identity=ids[2], consume_previous=True).result()
     assert held_during_write[-1] == {ids[2], export}
     assert result.previous_snapshot_identity == ids[2]
+    # the delta turned the bytes it was computed on into its own
     assert set(client._host_snapshots) == {export, result.snapshot_identity}
 
 
@@ -242,7 +244,7 @@ def test_a_delta_turns_the_bytes_it_is_computed_on_into_its_own(client: Training
     held = client._host_snapshots[base]
     where = _addresses(held)
     train_step(client, 1)
-    delta = client.save_weights_for_sampler_ext("s1", "delta").result()
+    delta = client.save_weights_for_sampler_ext("s1", "delta", consume_previous=True).result()
     new = client._host_snapshots[delta.snapshot_identity]
     assert _addresses(new) == where  # no fresh memory: the base's arrays hold the new bytes
     assert base not in client._host_snapshots
@@ -267,11 +269,26 @@ def test_a_delta_is_not_written_over_bytes_another_held_snapshot_shares(
     client._last_identity = sharer.identity  # kept through the save, like a side export
     train_step(client, 1)
     delta = client.save_weights_for_sampler_ext(
-        "s1", "delta", previous_snapshot_identity=base).result()
+        "s1", "delta", previous_snapshot_identity=base, consume_previous=True).result()
     assert delta.kind == "delta" and "model.embed_tokens.weight" in read_changed(delta.path)
     assert sharer.tensors[name].data.tobytes() == before
     assert base in client._host_snapshots  # written as a copy: the base is still whole
     assert snapshot.checksum(held.tensors[name].data) == held.checksums[name]
+
+
+def test_a_delta_keeps_what_it_is_computed_on_unless_told_to_consume_it(
+    client: TrainingClient,
+) -> None:
+    base = client.save_weights_for_sampler_ext("s0", "base").result().snapshot_identity
+    where = _addresses(client._host_snapshots[base])
+    train_step(client, 1)
+    first = client.save_weights_for_sampler_ext("a", "delta").result()
+    second = client.save_weights_for_sampler_ext(
+        "b", "delta", previous_snapshot_identity=base).result()  # again on the base
+    assert first.snapshot_identity == second.snapshot_identity
+    assert (first.path / snapshot.DELTA_FILE).read_bytes() == (
+        second.path / snapshot.DELTA_FILE).read_bytes()
+    assert _addresses(client._host_snapshots[first.snapshot_identity]) != where
 
 
 def read_changed(path: Path) -> list[str]:
@@ -294,7 +311,7 @@ def test_a_delta_that_fails_to_write_drops_what_it_was_computed_on(
     with monkeypatch.context() as m:
         m.setattr(snapshot, "_flush_and_sync", full_disk)
         with pytest.raises(SnapshotError, match="No space left"):
-            client.save_weights_for_sampler_ext("s1", "delta").result()
+            client.save_weights_for_sampler_ext("s1", "delta", consume_previous=True).result()
     assert client._host_snapshots == {}  # its bytes were half turned: not kept
     with pytest.raises(DeltaChainError, match="save a base first"):
         client.save_weights_for_sampler_ext("s1", "delta").result()

@@ -170,6 +170,9 @@ class WeightSyncer:
             kind,
             previous_snapshot_identity=self.chain.previous_snapshot_identity,
             source_identity=source,
+            # the next delta is computed against this snapshot (or a base is sent): the one
+            # it is computed on is not needed again, and its host bytes become this one's
+            consume_previous=True,
         )
         if after_submit is not None:
             after_submit()

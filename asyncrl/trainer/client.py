@@ -462,6 +462,7 @@ class TrainingClient:
         *,
         previous_snapshot_identity: str | None = None,
         source_identity: str | None = None,
+        consume_previous: bool = False,
     ) -> TrainFuture[SaveSamplerResult]:
         """Write the current weights for serving under ``checkpoint_dir/sampler/name``.
 
@@ -472,21 +473,24 @@ class TrainingClient:
         earlier snapshot of this client (kept host-side) instead of the live weights: a base
         that replaces a rejected delta holds exactly that delta's weights.
 
-        A delta of the live weights is written over the host bytes of the snapshot it is
-        computed on (one host copy of the model, not two), which is then no longer held, also
-        when the write fails: the next delta is computed against the new snapshot, and one on
-        the consumed identity raises DeltaChainError (the weight syncer then sends a base)."""
+        ``consume_previous=True`` (what the WeightSyncer passes: its next delta is computed
+        against this one, or it sends a base): a delta of the live weights is written over the
+        host bytes of the snapshot it is computed on (one host copy of the model, not two, and
+        no fresh memory), which is then no longer held, also when the write fails; a later
+        delta on that identity raises DeltaChainError. By default it stays held, so that
+        further deltas can be computed against it."""
         if checkpoint_type not in ("base", "delta"):
             raise ConfigError(f"checkpoint_type must be 'base' or 'delta', got {checkpoint_type!r}")
         return self._worker.submit(
             f"save_weights_for_sampler_ext({checkpoint_type})",
             lambda: self._save_sampler(
-                name, checkpoint_type, previous_snapshot_identity, source_identity
+                name, checkpoint_type, previous_snapshot_identity, source_identity,
+                consume_previous,
             ),
         )
 
     def _save_sampler(
-        self, name: str, kind: str, previous: str | None, source: str | None
+        self, name: str, kind: str, previous: str | None, source: str | None, consume: bool
     ) -> SaveSamplerResult:
         import time
 
@@ -515,9 +519,9 @@ class TrainingClient:
         # write fails they stay dropped: a later delta on one of them is a DeltaChainError (the
         # weight syncer then sends a base)
         self._keep_only(previous, source, self._last_identity)
-        # a delta of the live weights turns the previous snapshot's bytes into the new ones in
-        # place (no second host copy of the model), unless another held snapshot shares them
-        in_place = kind == "delta" and source is None and self._exclusive(previous)
+        # a delta of the live weights that may consume its previous snapshot turns its bytes
+        # into the new ones in place, unless another held snapshot shares them
+        in_place = consume and kind == "delta" and source is None and self._exclusive(previous)
         try:
             host = self._write_snapshot(name, kind, tensors, previous, in_place)
         except OSError as exc:  # snapshot.py removed its temp dir: nothing looks valid
