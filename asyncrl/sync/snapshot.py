@@ -837,7 +837,8 @@ def _encode_tensor(
     n, step = previous.nbytes // itemsize, _chunk_elements(itemsize)
     if n == 0:  # an empty tensor never changes (and torch cannot re-view it)
         return _Encoded(None, None, None)
-    in_place = in_place and not _overlaps(source.flat, previous)
+    # a source lying in previous's own bytes is converted into a copy
+    in_place = in_place and not np.may_share_memory(previous, source.flat.view(torch.uint8).numpy())
     owned = previous if in_place and _make_writable(previous) else _BUFFERS.take(previous.nbytes)
     try:
         prev_e = _elements(previous, itemsize)  # writable when it is owned
@@ -847,14 +848,6 @@ def _encode_tensor(
     if not any(frames):
         return _Encoded(None, None, None)
     return _Encoded(owned, digest, _blob(n, step, frames))
-
-
-def _overlaps(tensor: torch.Tensor, data: np.ndarray) -> bool:
-    """Whether a (host) tensor's elements share any byte with ``data``."""
-    if tensor.device.type != "cpu" or tensor.numel() == 0 or data.nbytes == 0:
-        return False
-    start, at = tensor.data_ptr(), data.__array_interface__["data"][0]
-    return start < at + data.nbytes and at < start + tensor.numel() * tensor.element_size()
 
 
 def _encode_chunks(
