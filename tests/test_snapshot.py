@@ -546,8 +546,8 @@ def test_crash_mid_write_leaves_nothing_that_looks_valid(
     seen: list[Path] = []
     real_write = snap._write_safetensors
 
-    def write_then_crash(path: Path, snapshot: HostSnapshot) -> None:
-        real_write(path, snapshot)
+    def write_then_crash(path: Path, *args: Any) -> HostSnapshot:
+        real_write(path, *args)
         seen.append(path.parent)
         assert path.parent.name.startswith(".tmp-")
         assert not (path.parent / MANIFEST_FILE).exists()  # manifest comes last
@@ -566,11 +566,12 @@ def test_name_taken_during_write_is_not_overwritten(
 ) -> None:
     real_write = snap._write_safetensors
 
-    def racing_writer(path: Path, snapshot: HostSnapshot) -> None:
-        real_write(path, snapshot)
+    def racing_writer(path: Path, *args: Any) -> HostSnapshot:
+        snapshot = real_write(path, *args)
         (tmp_path / "b0").mkdir()  # another writer claims the name meanwhile
         if occupant == "full-dir":
             (tmp_path / "b0" / "theirs").write_text("x")
+        return snapshot
 
     monkeypatch.setattr(snap, "_write_safetensors", racing_writer)
     with pytest.raises(SnapshotError, match="already exists"):
@@ -589,6 +590,157 @@ def test_rename_failure_leaves_no_snapshot(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(OSError, match="disk gone"):
         write_base(tmp_path, "b0", model())
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Streamed writes: each tensor goes to the file as soon as it is converted / encoded
+
+
+def test_streamed_file_writes_pieces_and_starts_their_writeback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ranges: list[tuple[int, int, int]] = []
+
+    def sync_file_range(fd: int, offset: int, n: int, flags: int) -> int:
+        ranges.append((offset, n, flags))
+        return 0
+
+    monkeypatch.setattr(snap, "_SYNC_FILE_RANGE", sync_file_range)
+    with snap._StreamedFile(tmp_path / "f") as out:
+        assert out.append(b"abc") == 0
+        out.write_at(10, np.frombuffer(b"xyz", np.uint8))
+        assert out.append(b"") == 13  # nothing to write back
+        assert out.append(b"tail") == 13
+        out.sync()
+    assert (tmp_path / "f").read_bytes() == b"abc" + bytes(7) + b"xyz" + b"tail"
+    assert ranges == [(0, 3, 2), (10, 3, 2), (13, 4, 2)]
+    with pytest.raises(FileExistsError):
+        snap._StreamedFile(tmp_path / "f")
+
+
+@pytest.mark.skipif(snap._SYNC_FILE_RANGE is None, reason="no sync_file_range (not Linux)")
+def test_writeback_hint_is_the_real_syscall(tmp_path: Path) -> None:
+    fd = snap.os.open(tmp_path / "f", snap.os.O_WRONLY | snap.os.O_CREAT)
+    try:
+        snap.os.write(fd, bytes(1 << 16))
+        assert snap._start_writeback(fd, 0, 1 << 16)
+        assert not snap._start_writeback(fd, -1, 1 << 16)  # EINVAL: the arguments get there
+    finally:
+        snap.os.close(fd)
+    assert not snap._start_writeback(fd, 0, 1 << 16)  # EBADF, ignored
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_parallel_each_reports_every_item_on_the_calling_thread(workers: int) -> None:
+    import threading
+
+    seen: list[tuple[int, int, str]] = []
+    snap._parallel_each(lambda x: x * x, [3, 1, 2, 5], workers, cost=lambda x: x,
+                        done=lambda i, r: seen.append((i, r, threading.current_thread().name)))
+    assert sorted((i, r) for i, r, _ in seen) == [(0, 9), (1, 1), (2, 4), (3, 25)]
+    assert {name for _, _, name in seen} == {threading.current_thread().name}
+    assert snap._parallel_map(lambda x: -x, [3, 1, 2], workers) == [-3, -1, -2]
+
+
+def test_parallel_each_stops_starting_work_after_an_error() -> None:
+    import threading
+
+    started: list[int] = []
+    gate = threading.Event()
+
+    def work(x: int) -> int:
+        started.append(x)
+        if x == 0:
+            raise ValueError("bad item")
+        gate.wait(5)  # the other worker holds its item until the error is seen
+        return x
+
+    def done(i: int, r: int) -> None:  # pragma: no cover - nothing succeeds before the error
+        raise AssertionError("no item finishes before the failing one")
+
+    timer = threading.Timer(0.2, gate.set)
+    timer.start()
+    with pytest.raises(ValueError, match="bad item"):
+        snap._parallel_each(work, list(range(20)), 2, done=done)
+    timer.cancel()
+    assert len(started) < 20  # the items not started were dropped
+
+    calls: list[int] = []
+
+    def failing_done(i: int, r: int) -> None:
+        calls.append(i)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        snap._parallel_each(lambda x: x, list(range(20)), 2, done=failing_done)
+    assert len(calls) == 1
+
+
+def test_blob_writer_lays_blobs_out_in_name_order_as_soon_as_they_can_go(
+    tmp_path: Path,
+) -> None:
+    names = ["a", "b", "c", "d"]
+    blobs = {"a": b"AAAA", "b": None, "c": b"CC", "d": b"D"}
+    with snap._StreamedFile(tmp_path / DELTA_FILE) as out:
+        writer = snap._BlobWriter(out, names)
+
+        def finish(name: str) -> None:
+            blob = blobs[name]
+            writer.done(names.index(name), snap._Encoded(None, None, blob))
+
+        finish("c")
+        finish("d")
+        assert out.size == 0  # waiting for a and b, which come first
+        finish("a")
+        assert out.size == 4  # a went out; c and d still wait for b
+        finish("b")
+        assert out.size == 7
+    assert (tmp_path / DELTA_FILE).read_bytes() == b"AAAACCD"
+    assert {n: (r.offset, r.length) for n, r in writer.refs.items()} == {
+        "a": (0, 4), "c": (4, 2), "d": (6, 1)}
+    assert writer.refs["c"].checksum == snap.checksum(b"CC")
+
+
+def test_delta_files_have_the_same_layout_whatever_order_the_threads_finish_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w0 = model(seed=5, layers=3)
+    _, base = write_base(tmp_path, "b", w0)
+    w1 = nudge(w0, list(w0), lr=0.05)
+    write_delta(tmp_path, "in-order", w1, base, workers=1)
+    real = snap._parallel_each
+
+    def reversed_each(fn: Any, items: Any, workers: Any, *, cost: Any = None,
+                      done: Any) -> None:
+        results = [fn(item) for item in items]
+        for i in reversed(range(len(items))):
+            done(i, results[i])
+
+    monkeypatch.setattr(snap, "_parallel_each", reversed_each)
+    write_delta(tmp_path, "reversed", w1, base)
+    monkeypatch.setattr(snap, "_parallel_each", real)
+    write_delta(tmp_path, "threads", w1, base, workers=4)
+    want = (tmp_path / "in-order" / DELTA_FILE).read_bytes()
+    tensors = read_manifest(tmp_path / "in-order").tensors
+    for other in ("reversed", "threads"):
+        assert (tmp_path / other / DELTA_FILE).read_bytes() == want
+        assert read_manifest(tmp_path / other).tensors == tensors
+    assert_same_bytes(to_torch(apply_snapshot(tmp_path / "reversed", base).snapshot), w1)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_base_written_tensor_by_tensor_is_the_same_safetensors_file(
+    tmp_path: Path, workers: int
+) -> None:
+    weights = model(seed=6, layers=3)
+    manifest, snapshot = write_base(tmp_path, "b", weights, dtype="float16", workers=workers)
+    assert_same_bytes(load_file(tmp_path / "b" / WEIGHTS_FILE),
+                      {k: v.to(torch.float16) for k, v in weights.items()})
+    raw = snap.from_torch(weights, "float16")
+    header = snap._safetensors_header([(n, raw[n].dtype, raw[n].shape) for n in sorted(raw)])
+    body = b"".join(raw[n].data.tobytes() for n in sorted(raw))
+    assert (tmp_path / "b" / WEIGHTS_FILE).read_bytes() == header + body
+    assert snapshot.identity == make_host_snapshot(raw).identity == manifest.snapshot_identity
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import mmap
@@ -71,13 +72,14 @@ import os
 import re
 import shutil
 import struct
+import sys
 import threading
 import time
 import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -401,23 +403,23 @@ def write_base(
     ``extra_files`` (target filename -> source path) are copied into the directory."""
     root, target = _target_dir(root, name)
     extras = _check_extra_files(extra_files or {})
-    snapshot = make_host_snapshot(from_torch(tensors, dtype), workers=workers)
-    manifest = SnapshotManifest(
-        snapshot_identity=snapshot.identity,
-        kind="base",
-        previous_snapshot_identity=previous_identity,
-        created_at=time.time(),
-        tensors=tuple(_entry(snapshot, n) for n in snapshot.names),
-    )
+    sources = {n: _source(t, dtype) for n, t in tensors.items()}
 
-    def fill(tmp: Path) -> None:
-        _write_safetensors(tmp / WEIGHTS_FILE, snapshot)
+    def fill(tmp: Path) -> tuple[SnapshotManifest, HostSnapshot]:
+        snapshot = _write_safetensors(tmp / WEIGHTS_FILE, sources, workers)
         for filename, source in extras.items():
             shutil.copyfile(source, tmp / filename)
             _fsync_file(tmp / filename)
+        manifest = SnapshotManifest(
+            snapshot_identity=snapshot.identity,
+            kind="base",
+            previous_snapshot_identity=previous_identity,
+            created_at=time.time(),
+            tensors=tuple(_entry(snapshot, n) for n in snapshot.names),
+        )
+        return manifest, snapshot
 
-    _write_atomically(root, target, manifest, fill)
-    return manifest, snapshot
+    return _write_atomically(root, target, fill)
 
 
 def write_delta(
@@ -453,33 +455,36 @@ def write_delta(
     _check_same_tensor_set(sources, previous)
     names = sorted(sources)
     in_place = in_place and not _shares_within(previous)
-    encoded = dict(zip(names, _parallel_map(
-        lambda n: _encode_tensor(previous.tensors[n].data, sources[n], level, in_place=in_place),
-        names, workers, cost=lambda n: previous.tensors[n].data.nbytes), strict=True))
-    snapshot = _host_snapshot(
-        {n: previous.tensors[n] if e.raw is None else previous.tensors[n]._replace(data=e.raw)
-         for n, e in encoded.items()},
-        {n: previous.checksums[n] if e.checksum is None else e.checksum
-         for n, e in encoded.items()},
-    )
-    manifest = SnapshotManifest(
-        snapshot_identity=snapshot.identity,
-        kind="delta",
-        previous_snapshot_identity=previous.identity,
-        created_at=time.time(),
-        tensors=_delta_entries(snapshot, encoded),
-        zstd_level=level,
-    )
 
-    def fill(tmp: Path) -> None:
-        with open(tmp / DELTA_FILE, "wb") as f:
-            for enc in encoded.values():
-                if enc.blob is not None:
-                    f.write(enc.blob)
-            _flush_and_sync(f)
+    def encode(n: str) -> _Encoded:  # on an encoding thread
+        return _encode_tensor(previous.tensors[n].data, sources[n], level, in_place=in_place)
 
-    _write_atomically(root, target, manifest, fill)
-    return manifest, snapshot
+    def fill(tmp: Path) -> tuple[SnapshotManifest, HostSnapshot]:
+        with _StreamedFile(tmp / DELTA_FILE) as out:
+            blobs = _BlobWriter(out, names)
+            _parallel_each(encode, names, workers, cost=lambda n: previous.tensors[n].data.nbytes,
+                           done=blobs.done)
+            out.sync()
+        encoded = blobs.encoded
+        snapshot = _host_snapshot(
+            {n: previous.tensors[n] if e.raw is None else previous.tensors[n]._replace(data=e.raw)
+             for n, e in encoded.items()},
+            {n: previous.checksums[n] if e.checksum is None else e.checksum
+             for n, e in encoded.items()},
+        )
+        manifest = SnapshotManifest(
+            snapshot_identity=snapshot.identity,
+            kind="delta",
+            previous_snapshot_identity=previous.identity,
+            created_at=time.time(),
+            tensors=tuple(_entry(snapshot, n) if n not in blobs.refs
+                          else replace(_entry(snapshot, n), blob=blobs.refs[n])
+                          for n in snapshot.names),
+            zstd_level=level,
+        )
+        return manifest, snapshot
+
+    return _write_atomically(root, target, fill)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,12 +657,17 @@ def _buffer(data: np.ndarray | bytes) -> memoryview:
 def _converted(source: _Source) -> RawTensor:
     """An owned read-only copy of ``source`` in its snapshot dtype (one conversion pass)."""
     source = _on_host(source)
-    nbytes = source.flat.numel() * _itemsize(source.dtype)
+    nbytes = _nbytes(source)
     data = _BUFFERS.take(nbytes) if nbytes else np.empty(0, np.uint8)
     if nbytes:
         torch.from_numpy(data).view(_DTYPES[source.dtype][0]).copy_(source.flat)
     data.flags.writeable = False
     return RawTensor(source.dtype, source.shape, data)
+
+
+def _nbytes(source: _Source) -> int:
+    """The size of ``source`` in its snapshot dtype."""
+    return source.flat.numel() * _itemsize(source.dtype)
 
 
 def _host_snapshot(raw: Mapping[str, RawTensor], digests: Mapping[str, str]) -> HostSnapshot:
@@ -695,20 +705,6 @@ def _layer_prefix(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _delta_entries(
-    snapshot: HostSnapshot, encoded: Mapping[str, _Encoded]
-) -> tuple[TensorEntry, ...]:
-    """Manifest entries of a delta; blobs are laid out in name order."""
-    entries, offset = [], 0
-    for name in snapshot.names:
-        entry, blob = _entry(snapshot, name), encoded[name].blob
-        if blob is not None:
-            entry = replace(entry, blob=BlobRef(offset, len(blob), checksum(blob)))
-            offset += len(blob)
-        entries.append(entry)
-    return tuple(entries)
-
-
 def _check_same_tensor_set(views: Mapping[str, _Source], previous: HostSnapshot) -> None:
     added = sorted(set(views) - set(previous.tensors))
     removed = sorted(set(previous.tensors) - set(views))
@@ -733,18 +729,40 @@ def _parallel_map(
     *,
     cost: Callable[[_T], int] | None = None,
 ) -> list[_R]:
-    """``map`` over a thread pool (numpy and zstd release the GIL), results in the
-    order of ``items``. With ``cost`` the costliest items are started first, so one large
-    tensor (the embedding) does not run alone at the end."""
+    """``[fn(item) for item in items]`` over a thread pool (see ``_parallel_each``)."""
+    results: dict[int, _R] = {}
+    _parallel_each(fn, items, workers, cost=cost, done=results.__setitem__)
+    return [results[i] for i in range(len(items))]
+
+
+def _parallel_each(
+    fn: Callable[[_T], _R],
+    items: Sequence[_T],
+    workers: int | None,
+    *,
+    cost: Callable[[_T], int] | None = None,
+    done: Callable[[int, _R], None],
+) -> None:
+    """Run ``fn`` on every item over a thread pool (numpy, zstd and the kernel release the
+    GIL) and call ``done(i, fn(items[i]))`` on the calling thread as each one finishes. With
+    ``cost`` the costliest items are started first, so one large tensor (the embedding) does
+    not run alone at the end. The first error (of ``fn`` or ``done``) is raised once the items
+    already running have finished; those not started yet are dropped."""
     workers = _default_workers() if workers is None else workers
     if workers <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
+        for i, item in enumerate(items):
+            done(i, fn(item))
+        return
     order = list(range(len(items)))
     if cost is not None:
         order.sort(key=lambda i: -cost(items[i]))
     with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        futures = {i: pool.submit(fn, items[i]) for i in order}
-        return [futures[i].result() for i in range(len(items))]
+        futures = {pool.submit(fn, items[i]): i for i in order}
+        try:
+            for future in as_completed(futures):
+                done(futures[future], future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _default_workers() -> int:
@@ -873,6 +891,28 @@ def _blob(n: int, step: int, frames: list[bytes]) -> bytes:
     lengths = np.array([len(f) for f in frames], dtype="<u4")
     header = _BLOB_HEADER.pack(_BLOB_MAGIC, n, step, len(frames))
     return b"".join([header, lengths.tobytes(), *frames])
+
+
+class _BlobWriter:
+    """Appends the blobs of a delta's tensors to ``delta.bin`` in name order (a deterministic
+    layout) as the encoding threads finish them: a blob waits only for those before it, so the
+    file is written, and its writeback started, while the rest is still being encoded instead
+    of after it (0.5B shape at lr 1e-5: write + fsync 0.075 s). ``done`` is the callback of
+    ``_parallel_each``; ``refs`` says where each blob went."""
+
+    def __init__(self, out: _StreamedFile, names: Sequence[str]) -> None:
+        self._out, self._names, self._next = out, names, 0
+        self.encoded: dict[str, _Encoded] = {}
+        self.refs: dict[str, BlobRef] = {}
+
+    def done(self, i: int, encoded: _Encoded) -> None:
+        self.encoded[self._names[i]] = encoded
+        while self._next < len(self._names) and self._names[self._next] in self.encoded:
+            name = self._names[self._next]
+            blob = self.encoded[name].blob
+            if blob is not None:
+                self.refs[name] = BlobRef(self._out.append(blob), len(blob), checksum(blob))
+            self._next += 1
 
 
 class _ChunkEncoder:
@@ -1392,16 +1432,32 @@ def _safetensors_header(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> 
     return struct.pack("<Q", len(text)) + text
 
 
-def _write_safetensors(path: Path, snapshot: HostSnapshot) -> None:
-    names = snapshot.names
-    header = _safetensors_header(
-        [(n, snapshot.tensors[n].dtype, snapshot.tensors[n].shape) for n in names]
-    )
-    with open(path, "wb") as f:
-        f.write(header)
-        for n in names:
-            f.write(_buffer(snapshot.tensors[n].data))
-        _flush_and_sync(f)
+def _write_safetensors(path: Path, sources: Mapping[str, _Source], workers: int | None
+                       ) -> HostSnapshot:
+    """Convert ``sources`` into owned bytes (one thread per core) and write them as the
+    safetensors file ``path``, each tensor at its offset as soon as it is converted; answers
+    the snapshot of those bytes."""
+    names = sorted(sources)
+    header = _safetensors_header([(n, sources[n].dtype, sources[n].shape) for n in names])
+    sizes = [_nbytes(sources[n]) for n in names]
+    starts = np.cumsum([len(header), *sizes]).tolist()
+    converted: dict[str, tuple[RawTensor, str]] = {}
+
+    def convert(name: str) -> tuple[RawTensor, str]:  # on a worker thread
+        raw = _converted(sources[name])
+        return raw, checksum(raw.data)
+
+    with _StreamedFile(path) as out:
+        out.write_at(0, header)
+
+        def write(i: int, result: tuple[RawTensor, str]) -> None:
+            converted[names[i]] = result
+            out.write_at(starts[i], result[0].data)
+
+        _parallel_each(convert, names, workers, cost=lambda n: _nbytes(sources[n]), done=write)
+        out.sync()
+    return _host_snapshot({n: raw for n, (raw, _) in converted.items()},
+                          {n: digest for n, (_, digest) in converted.items()})
 
 
 def _load_base(path: Path, manifest: SnapshotManifest, workers: int | None) -> HostSnapshot:
@@ -1585,14 +1641,15 @@ def _check_extra_files(
 
 
 def _write_atomically(
-    root: Path, target: Path, manifest: SnapshotManifest, fill: Callable[[Path], None]
-) -> None:
-    """Write into ``root/.tmp-*``, the manifest last, fsync, and rename to ``target``."""
+    root: Path, target: Path, fill: Callable[[Path], tuple[SnapshotManifest, _R]]
+) -> tuple[SnapshotManifest, _R]:
+    """``fill`` a fresh ``root/.tmp-*`` directory (it answers the manifest of what it wrote),
+    write the manifest last, fsync, and rename the directory to ``target``."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{TEMP_PREFIX}{target.name}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
-        fill(tmp)
+        manifest, result = fill(tmp)
         with open(tmp / MANIFEST_FILE, "w") as f:
             json.dump(_manifest_to_json(manifest), f, indent=1)
             _flush_and_sync(f)
@@ -1605,11 +1662,76 @@ def _write_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(root)
+    return manifest, result
+
+
+class _StreamedFile:
+    """A new file written piece by piece while the rest of its content is still being made.
+    The writeback of each piece to disk is started as soon as it is written (Linux
+    ``sync_file_range``, a hint; elsewhere nothing), so the fsync at the end waits for the
+    last pieces only instead of the whole file: 92 MB written in 30 pieces 12 ms apart took
+    0.06 s to fsync at the end, 0.0003 s with the writeback started piece by piece."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.size = 0
+
+    def __enter__(self) -> _StreamedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+
+    def append(self, data: np.ndarray | bytes) -> int:
+        """Write ``data`` at the end; answers the offset it was written at."""
+        offset = self.size
+        self.write_at(offset, data)
+        return offset
+
+    def write_at(self, offset: int, data: np.ndarray | bytes) -> None:
+        view = _buffer(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        _start_writeback(self._fd, offset, len(view))
+        self.size = max(self.size, offset + len(view))
+
+    def sync(self) -> None:
+        _fsync(self._fd)
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):  # pragma: no cover - a libc without it
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages of the range back; do not wait
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> bool:
+    """Ask the kernel to start writing ``nbytes`` at ``offset`` to disk; whether it took the
+    request. A hint: a refusal is ignored, the fsync at the end makes the file durable."""
+    if _SYNC_FILE_RANGE is None or not nbytes:
+        return False
+    return _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def _flush_and_sync(f: Any) -> None:
     f.flush()
-    os.fsync(f.fileno())
+    _fsync(f.fileno())
+
+
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
 
 
 def _fsync_file(path: Path) -> None:
