@@ -32,13 +32,11 @@ Definitions:
   filter / zstd / checksums / file write + fsync for a delta; conversion + checksums +
   safetensors write for a base);
   transfer: MODELED, snapshot bytes / ``--link-gbps`` (the snapshot is on a local disk here);
-  prepare: the rpc before the pause that has the workers check the request and start reading
-  and verifying the snapshot (a delta's new bytes built and hashed chunk by chunk in scratch)
-  on a thread of their own, while the engine still serves;
-  pause / reload / resume: the deployment's hotload (reload = the worker rpc: wait for what is
-  left of the verification, then ``reload_weights`` of the changed layers while a thread
-  beside it applies the delta to the held bytes, plus the prefix-cache reset; the worker's own
-  split, read back from ``asyncrl_status`` after the clock stopped, is printed too);
+  pause / reload / resume: the deployment's hotload (reload = the worker rpc: read and verify
+  the snapshot (a delta's new bytes built and hashed chunk by chunk in scratch), then
+  ``reload_weights`` of the changed layers while a thread beside it applies the delta to the
+  held bytes, plus the prefix-cache reset; the worker's own split, read back from
+  ``asyncrl_status`` after the clock stopped, is printed too);
   warmup: the post-hotload probe completion.
 - e2e ("save..served"): wall time of ``save_and_hotload`` (save, encode, status read, hotload,
   probe) PLUS the modeled transfer; other = e2e minus the phases above (mostly the status read
@@ -86,7 +84,6 @@ PHASES = (
     "save_s",
     "encode_s",
     "transfer_s",
-    "prepare_s",
     "pause_s",
     "reload_s",
     "resume_s",
@@ -117,7 +114,6 @@ class Sample:
     save_s: float
     encode_s: float
     transfer_s: float
-    prepare_s: float
     pause_s: float
     reload_s: float
     resume_s: float
@@ -128,8 +124,7 @@ class Sample:
     decode_s: float | None = None  # host-side apply_snapshot of this delta
     naive_bytes: int | None = None  # zstd(XOR) without shuffle, same changed tensors
     naive_encode_s: float | None = None  # single thread
-    worker_verify_s: float | None = None  # read + verify on the worker (mostly before the pause)
-    worker_verify_wait_s: float | None = None  # of which inside the pause (reload waited)
+    worker_verify_s: float | None = None  # inside reload: read + verify on the worker
     worker_reload_s: float | None = None  # inside reload: reload_weights of the changed layers
     worker_apply_wait_s: float | None = None  # of which waiting for the delta's apply
 
@@ -341,7 +336,6 @@ async def sync_once(
         save_s=timing.save_s,
         encode_s=timing.encode_s,
         transfer_s=transfer,
-        prepare_s=t.prepare_s,
         pause_s=t.pause_s,
         reload_s=t.reload_s,
         resume_s=t.resume_s,
@@ -352,7 +346,6 @@ async def sync_once(
     sample.other_s = sample.e2e_s - sum(getattr(sample, p) for p in PHASES if p != "other_s")
     last = await worker_timings(syncer.deployment)  # after the clock stopped
     sample.worker_verify_s, sample.worker_reload_s = last.get("verify_s"), last.get("reload_s")
-    sample.worker_verify_wait_s = last.get("verify_wait_s")
     sample.worker_apply_wait_s = last.get("apply_wait_s")
     return sample
 
@@ -447,9 +440,8 @@ def brief(s: Sample) -> str:
     return (
         f"{s.kind} {mb(s.nbytes).strip()} (transfer {s.transfer_s:.3f}s modeled) e2e "
         f"{s.e2e_s:.2f}s (save {s.save_s:.2f} encode "
-        f"{s.encode_s:.2f} prepare {s.prepare_s:.2f} pause {s.pause_s:.2f} reload "
-        f"{s.reload_s:.2f} [worker verify {s.worker_verify_s or 0:.2f}, in the pause "
-        f"{s.worker_verify_wait_s or 0:.2f}; reload_weights {s.worker_reload_s or 0:.2f}] warmup "
+        f"{s.encode_s:.2f} reload {s.reload_s:.2f} [worker verify "
+        f"{s.worker_verify_s or 0:.2f} reload_weights {s.worker_reload_s or 0:.2f}] warmup "
         f"{s.warmup_s:.2f} other {s.other_s:.2f})"
     )
 
@@ -512,8 +504,7 @@ def group_stats(run: Run, samples: list[Sample]) -> dict[str, Any]:
         out[key] = {"p50": pct(vals, 50), "p95": pct(vals, 95)}
     no_probe = [s.e2e_s - s.warmup_s for s in samples]
     out["e2e_no_probe_s"] = {"p50": pct(no_probe, 50), "p95": pct(no_probe, 95)}
-    for key in ("worker_verify_s", "worker_verify_wait_s", "worker_reload_s",
-                "worker_apply_wait_s"):
+    for key in ("worker_verify_s", "worker_reload_s", "worker_apply_wait_s"):
         vals = [getattr(s, key) for s in samples if getattr(s, key) is not None]
         out[key] = {"p50": pct(vals, 50), "p95": pct(vals, 95)}
     out["encode_gbps"] = pct([run.raw_bytes / s.encode_s / 1e9 for s in samples], 50)
@@ -639,9 +630,8 @@ def print_report(run: Run, summary: dict[str, Any], rows: list[dict[str, Any]]) 
             )
     for name, g in summary["groups"].items():
         print(
-            f"{name}: worker side, p50: read + verify "
-            f"{g['worker_verify_s']['p50']:.4f} s (of which inside the pause "
-            f"{g['worker_verify_wait_s']['p50']:.4f} s), reload_weights "
+            f"{name}: worker side of reload, p50: read + verify "
+            f"{g['worker_verify_s']['p50']:.4f} s, reload_weights "
             f"{g['worker_reload_s']['p50']:.4f} s (waiting for the delta's apply beside it "
             f"{g['worker_apply_wait_s']['p50']:.4f} s)"
         )

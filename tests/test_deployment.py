@@ -494,86 +494,6 @@ def test_worker_apply_error_fails_the_reload(
     assert worker.asyncrl_status()["identity"] is None and _apply_threads() == []
 
 
-def _prepare_rejected(worker: FakeWorker, request: str, error: type[Exception]) -> None:
-    before = worker.asyncrl_status()
-    reply = worker.asyncrl_prepare(request)
-    assert reply["ok"] is False and reply["engine_touched"] is False, reply
-    assert type(exception_from_reply(reply)) is error, reply
-    assert worker.calls == 0 or worker.asyncrl_status() == before
-
-
-def test_worker_prepare_refuses_at_once_what_a_hotload_would(chain: dict[str, Any]) -> None:
-    worker = FakeWorker()
-    _prepare_rejected(worker, _delta_request(chain), DeltaChainError)  # no base held yet
-    assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
-    _prepare_rejected(worker, _delta_request(chain, token="nope"), HotloadError)
-    _prepare_rejected(worker, _request(chain["base"], "../base"), HotloadError)
-    _prepare_rejected(worker, _request(chain["wrong"], "wrong",
-                                       previous=chain["base"].snapshot_identity),
-                      IdentityMismatchError)
-    _prepare_rejected(worker, "{not json", HotloadError)
-    assert worker.calls == 1 and worker.asyncrl_status()["identity"] == (
-        chain["base"].snapshot_identity)
-
-
-def test_worker_hotload_uses_the_verification_its_prepare_ran(
-    chain: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    worker = FakeWorker()
-    assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
-    started, release = threading.Event(), threading.Event()
-    real_verify = WorkerHotloadState.verify
-
-    def slow_verify(self: WorkerHotloadState, checked: Any, **kw: Any) -> Any:
-        plan = real_verify(self, checked, **kw)
-        started.set()
-        assert release.wait(10)
-        return plan
-
-    monkeypatch.setattr(WorkerHotloadState, "verify", slow_verify)
-    reply = worker.asyncrl_prepare(_delta_request(chain))
-    assert reply == {"ok": True, "preparing": chain["delta"].snapshot_identity, "rank": 0}
-    assert started.wait(10) and not release.is_set()  # answered while it still verifies
-    # what the hotload applies is what was verified: the file no longer matters
-    (chain["root"] / "delta" / snap.DELTA_FILE).write_bytes(b"overwritten")
-    threading.Timer(0.1, release.set).start()
-    reply = worker.asyncrl_hotload(_delta_request(chain))
-    assert reply["ok"], reply
-    assert reply["verify_wait_s"] > 0.05 and reply["verify_s"] >= reply["verify_wait_s"]
-    assert torch.equal(worker.loaded["model.layers.1.mlp.down_proj.weight"],
-                       chain["t1"]["model.layers.1.mlp.down_proj.weight"])
-    assert worker.asyncrl_status()["identity"] == chain["delta"].snapshot_identity
-    assert [t for t in threading.enumerate() if t.name == "asyncrl-verify"] == []
-
-
-def test_worker_prepared_verification_failure_is_the_hotloads_answer(
-    chain: dict[str, Any],
-) -> None:
-    worker = FakeWorker()
-    assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
-    blob = chain["root"] / "delta" / snap.DELTA_FILE
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 1
-    blob.write_bytes(bytes(data))
-    assert worker.asyncrl_prepare(_delta_request(chain))["ok"]  # the quick checks pass
-    _assert_rejected(worker, _delta_request(chain), ChecksumError)
-
-
-def test_worker_hotload_of_another_request_drops_the_preparation(
-    chain: dict[str, Any],
-) -> None:
-    worker = FakeWorker()
-    assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
-    assert worker.asyncrl_prepare(_delta_request(chain))["ok"]
-    # a wrong token changes nothing: the preparation is still there for the right one
-    _assert_rejected(worker, _delta_request(chain, token="nope"), HotloadError)
-    assert worker.asyncrl_prepare(_delta_request(chain))["ok"]
-    assert worker.asyncrl_hotload(_request(chain["other"], "other"))["ok"]  # verified itself
-    assert worker.asyncrl_status()["identity"] == chain["other"].snapshot_identity
-    # the dropped preparation was of a delta on the base, no longer served
-    _assert_rejected(worker, _delta_request(chain), IdentityMismatchError)
-
-
 def test_worker_without_root_rejects_everything(
     chain: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -627,8 +547,7 @@ class FakeVLLM:
         self.calls: list[str] = []
         self.rpc = rpc or (lambda request: [_ok(request["snapshot_identity"])])
         self.probe: Any = {"choices": [{"logprobs": {"token_logprobs": [-0.5, -1.0]}}]}
-        self.prepare: Callable[[dict[str, Any]], Any] = lambda request: [{"ok": True}]
-        self.fail: dict[str, int] = {}  # by path, or by rpc method
+        self.fail: dict[str, int] = {}
         self.rpc_delay_s = 0.0
         self.health = [200]
 
@@ -640,10 +559,8 @@ class FakeVLLM:
         if path == "/collective_rpc":
             label += f" {body['method']}"
         self.calls.append(label)
-        failure = self.fail.get(path) or (self.fail.get(body["method"]) if body and
-                                          path == "/collective_rpc" else None)
-        if failure:
-            return httpx.Response(failure, text="injected failure")
+        if path in self.fail:
+            return httpx.Response(self.fail[path], text="injected failure")
         if path == "/health":
             return httpx.Response(self.health.pop(0) if len(self.health) > 1 else self.health[0])
         if path == "/collective_rpc":
@@ -651,9 +568,6 @@ class FakeVLLM:
             if body["method"] == "asyncrl_status":
                 return httpx.Response(200, json={"results": [{"identity": "id9", "kind": "base",
                                                               "hotloads": 4, "loaded_at": 1.0}]})
-            if body["method"] == "asyncrl_prepare":
-                return httpx.Response(200, json={"results": self.prepare(
-                    json.loads(body["args"][0]))})
             return httpx.Response(200, json={"results": self.rpc(json.loads(body["args"][0]))})
         if path == "/v1/completions":
             return httpx.Response(200, json=self.probe)
@@ -674,9 +588,7 @@ async def _attached(fake: FakeVLLM) -> tuple[DeploymentManager, Deployment]:
     return manager, deployment
 
 
-PREPARE = "POST /collective_rpc asyncrl_prepare"
 SEQUENCE = [
-    PREPARE,
     "POST /pause?mode=keep",
     "POST /collective_rpc asyncrl_hotload",
     "POST /reset_prefix_cache?reset_running_requests=true",
@@ -706,10 +618,8 @@ async def test_hotload_sequence() -> None:
                      "previous_snapshot_identity": "id1", "token": "tok"}]
     assert (result.identity, result.kind, result.changed_tensors) == ("id2", "base", 3)
     timings = result.timings
-    assert timings.total_s >= (timings.prepare_s + timings.pause_s + timings.reload_s
-                               + timings.resume_s)
-    assert min(timings.prepare_s, timings.pause_s, timings.reload_s, timings.resume_s,
-               timings.probe_s) > 0
+    assert timings.total_s >= timings.pause_s + timings.reload_s + timings.resume_s
+    assert min(timings.pause_s, timings.reload_s, timings.resume_s, timings.probe_s) >= 0
 
 
 @pytest.mark.anyio
@@ -721,9 +631,9 @@ async def test_hotload_abort_mode_without_cache_reset() -> None:
                                        reset_prompt_cache=False)
         await manager.hotload_and_wait(deployment, "id1", snapshot_path="/s/b", inflight="wait")
     assert fake.hotload_calls() == [
-        PREPARE, "POST /pause?mode=abort", "POST /collective_rpc asyncrl_hotload",
+        "POST /pause?mode=abort", "POST /collective_rpc asyncrl_hotload",
         "POST /update_weight_version", "POST /resume", "POST /v1/completions",
-        PREPARE, "POST /pause?mode=wait", "POST /collective_rpc asyncrl_hotload",
+        "POST /pause?mode=wait", "POST /collective_rpc asyncrl_hotload",
         "POST /reset_prefix_cache?reset_running_requests=false",
         "POST /update_weight_version", "POST /resume", "POST /v1/completions",
     ]
@@ -737,29 +647,8 @@ async def test_rejected_hotload_still_resumes_and_raises_the_mapped_error() -> N
     async with manager:
         with pytest.raises(IdentityMismatchError, match="delta on X"):
             await manager.hotload_and_wait(deployment, "id1", snapshot_path="/s/b")
-    assert fake.hotload_calls() == [PREPARE, "POST /pause?mode=keep",
-                                    "POST /collective_rpc asyncrl_hotload", "POST /resume"]
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("failure", ["refused", "one-of-two", "http500", "garbage"])
-async def test_prepare_failure_raises_before_anything_is_paused(failure: str) -> None:
-    fake = FakeVLLM()
-    refusal = error_reply(IdentityMismatchError("delta on X, serving Y"), engine_touched=False)
-    if failure == "refused":
-        fake.prepare = lambda r: [refusal]
-    elif failure == "one-of-two":
-        fake.prepare = lambda r: [{"ok": True}, refusal]
-    elif failure == "garbage":
-        fake.prepare = lambda r: ["text"]
-    else:
-        fake.fail["asyncrl_prepare"] = 500
-    manager, deployment = await _attached(fake)
-    error = IdentityMismatchError if failure in ("refused", "one-of-two") else DeploymentError
-    async with manager:
-        with pytest.raises(error):
-            await manager.hotload_and_wait(deployment, "id1", snapshot_path="/s/b")
-    assert fake.hotload_calls() == [PREPARE]  # never paused, so nothing to resume
+    assert fake.hotload_calls() == ["POST /pause?mode=keep", "POST /collective_rpc asyncrl_hotload",
+                                    "POST /resume"]
 
 
 @pytest.mark.anyio
@@ -770,7 +659,7 @@ async def test_failed_pause_still_resumes() -> None:
     async with manager:
         with pytest.raises(DeploymentError, match="/pause answered HTTP 500"):
             await manager.hotload_and_wait(deployment, "id1", snapshot_path="/s/b")
-    assert fake.hotload_calls() == [PREPARE, "POST /pause?mode=keep", "POST /resume"]
+    assert fake.hotload_calls() == ["POST /pause?mode=keep", "POST /resume"]
 
 
 @pytest.mark.anyio
@@ -782,13 +671,12 @@ async def test_engine_in_unknown_state_is_never_resumed(failure: str) -> None:
     elif failure == "disagree":
         fake.rpc = lambda r: [_ok("a"), _ok("b")]
     else:
-        fake.fail["asyncrl_hotload"] = 500
+        fake.fail["/collective_rpc"] = 500
     manager, deployment = await _attached(fake)
     async with manager:
         with pytest.raises(DeploymentError, match="left paused"):
             await manager.hotload_and_wait(deployment, "id1", snapshot_path="/s/b")
-    assert fake.hotload_calls() == [PREPARE, "POST /pause?mode=keep",
-                                    "POST /collective_rpc asyncrl_hotload"]
+    assert fake.hotload_calls() == ["POST /pause?mode=keep", "POST /collective_rpc asyncrl_hotload"]
 
 
 @pytest.mark.anyio
@@ -898,8 +786,6 @@ FAKE_SERVER = textwrap.dedent(
                 method = json.loads(body)["method"]
                 if method == "asyncrl_status":
                     return self._send({"results": [{"identity": None, "hotloads": 0}]})
-                if method == "asyncrl_prepare":
-                    return self._send({"results": [{"ok": True}]})
                 return self._send({"results": [{"ok": False, "error_type": "HotloadError",
                                                 "message": "reload died", "engine_touched": True}]})
             if self.path.startswith("/v1/completions"):

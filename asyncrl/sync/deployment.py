@@ -102,7 +102,6 @@ from asyncrl.sync.worker_extension import (
     ENV_SNAPSHOT_ROOT,
     EXTENSION_CLS,
     HOTLOAD_METHOD,
-    PREPARE_METHOD,
     STATUS_METHOD,
     HotloadRequest,
 )
@@ -118,7 +117,6 @@ __all__ = [
     "build_hotload_request",
     "exception_from_reply",
     "interpret_hotload_replies",
-    "interpret_prepare_replies",
     "is_loopback",
     "is_server_process",
     "process_group_members",
@@ -318,15 +316,13 @@ class DeploymentStatus:
 @dataclass(frozen=True)
 class HotloadTimings:
     """Seconds: pause call, reload (rpc + prefix-cache reset + version), resume call, probe,
-    the whole ``hotload_and_wait``, and the prepare call before the pause (which starts the
-    workers' verification while the engine still serves)."""
+    and the whole ``hotload_and_wait``."""
 
     pause_s: float
     reload_s: float
     resume_s: float
     probe_s: float
     total_s: float
-    prepare_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -397,7 +393,7 @@ def interpret_hotload_replies(results: Sequence[Any]) -> dict[str, Any]:
                 f"workers loaded different identities {sorted(map(str, identities))}"
             )
         merged = dict(results[0])
-        for key in ("verify_s", "verify_wait_s", "reload_s"):
+        for key in ("verify_s", "reload_s"):
             merged[key] = max(float(r.get(key, 0.0)) for r in results)
         return merged
     if len(failed) == len(results) and not any(r.get("engine_touched") for r in failed):
@@ -407,16 +403,6 @@ def interpret_hotload_replies(results: Sequence[Any]) -> dict[str, Any]:
         f"{len(failed)}/{len(results)} worker(s) failed after the engine was touched: "
         f"{first.get('error_type')}: {first.get('message')}"
     )
-
-
-def interpret_prepare_replies(results: Sequence[Any]) -> None:
-    """Return when every worker took the request (and is verifying it); else raise the first
-    refusal's error (nothing was touched: a prepare only reads)."""
-    if not results or not all(isinstance(r, Mapping) for r in results):
-        raise DeploymentError(f"unexpected collective_rpc results {list(results)[:4]!r}")
-    failed = [r for r in results if not r.get("ok")]
-    if failed:
-        raise exception_from_reply(failed[0])
 
 
 def check_probe(body: Any) -> list[float]:
@@ -582,7 +568,6 @@ def _kill_live_groups() -> None:
 
 @dataclass
 class _HotloadRun:
-    prepare_s: float = 0.0
     pause_s: float = 0.0
     reload_s: float = 0.0
     resume_s: float = 0.0
@@ -1059,7 +1044,7 @@ class DeploymentManager:
                 )
             done = time.perf_counter()
         timings = HotloadTimings(run.pause_s, run.reload_s, run.resume_s, done - probe_start,
-                                 done - start, run.prepare_s)
+                                 done - start)
         result = HotloadResult(
             identity=str(run.reply["identity"]),
             kind=str(run.reply["kind"]),
@@ -1082,17 +1067,9 @@ class DeploymentManager:
         rpc_timeout_s: float,
         run: _HotloadRun,
     ) -> None:
-        """prepare -> pause -> rpc -> reset prefix cache -> weight version; resume in
-        ``finally`` (also when the pause call itself failed: resuming an engine that is not
-        paused is harmless). The prepare call, before the pause, has the workers check the
-        request (a refusal is raised here, nothing paused) and start verifying the snapshot
-        on a thread of their own while the engine still serves; the rpc inside the pause then
-        only waits for what is left of it."""
-        start = time.perf_counter()
-        interpret_prepare_replies(await self._rpc(deployment, PREPARE_METHOD,
-                                                  [request.to_json()], rpc_timeout_s=30.0))
+        """pause -> rpc -> reset prefix cache -> weight version; resume in ``finally`` (also
+        when the pause call itself failed: resuming an engine that is not paused is harmless)."""
         t0 = t1 = time.perf_counter()
-        run.prepare_s = t0 - start
         try:
             await self._control(deployment, "POST", "/pause", params={"mode": inflight})
             t1 = time.perf_counter()

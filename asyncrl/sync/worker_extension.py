@@ -2,7 +2,6 @@
 worker (``--worker-extension-cls asyncrl.sync.worker_extension.AsyncRLWorkerExtension``) and
 its public methods are called through ``POST /collective_rpc`` (``VLLM_SERVER_DEV_MODE=1``).
 
-    asyncrl_prepare(request_json: str) -> dict   check a request, start verifying it
     asyncrl_hotload(request_json: str) -> dict   load a base / delta snapshot
     asyncrl_status() -> dict                     identity, kind, loaded_at, hotloads
 
@@ -17,12 +16,6 @@ Invariants:
 - The verification builds a delta's new bytes in scratch and writes nothing; only then is the
   delta applied to the held bytes, on a thread beside vLLM's reload, each tensor before the
   reload is handed it (``HotloadPlan.applying``).
-- ``asyncrl_prepare`` (sent before the engine is paused) answers the quick checks (token, path,
-  manifest, chain) at once and runs the verification on a thread of its own while the engine
-  keeps serving; the ``asyncrl_hotload`` of the same request then waits for it instead of
-  verifying inside the pause. The held bytes change only inside ``asyncrl_hotload``, which
-  first waits for (or drops) any preparation, so a verification never races an apply. A
-  hotload with no matching preparation verifies on its own, as before.
 - Only whole decoder layers are reloaded (vLLM fuses q/k/v and gate/up; reloading part of a
   fused module silently corrupts the model). A base reloads every tensor.
 - If ``reload_weights`` itself fails the engine state is unknown: the worker forgets its
@@ -64,19 +57,13 @@ from asyncrl.logging import get_logger
 if TYPE_CHECKING:
     import torch
 
-    from asyncrl.sync.snapshot import (
-        HostSnapshot,
-        LoadedSnapshot,
-        PendingSnapshot,
-        SnapshotManifest,
-    )
+    from asyncrl.sync.snapshot import HostSnapshot, LoadedSnapshot, PendingSnapshot
 
 __all__ = [
     "ENV_HOTLOAD_TOKEN",
     "ENV_SNAPSHOT_ROOT",
     "EXTENSION_CLS",
     "HOTLOAD_METHOD",
-    "PREPARE_METHOD",
     "STATUS_METHOD",
     "AsyncRLWorkerExtension",
     "HotloadPlan",
@@ -92,7 +79,6 @@ ENV_SNAPSHOT_ROOT = "ASYNCRL_SNAPSHOT_ROOT"
 ENV_HOTLOAD_TOKEN = "ASYNCRL_HOTLOAD_TOKEN"
 EXTENSION_CLS = "asyncrl.sync.worker_extension.AsyncRLWorkerExtension"
 HOTLOAD_METHOD = "asyncrl_hotload"
-PREPARE_METHOD = "asyncrl_prepare"
 STATUS_METHOD = "asyncrl_status"
 
 # error_type values a reply may carry; anything else is reported as HotloadError
@@ -244,48 +230,6 @@ class HotloadPlan:
             yield applying
 
 
-@dataclass(frozen=True)
-class _Checked:
-    """A request that passed ``WorkerHotloadState.check``."""
-
-    request: HotloadRequest
-    path: Path
-    manifest: SnapshotManifest
-    reload_names: tuple[str, ...]
-
-
-class _Preparation:
-    """One request's verification, running on a thread of its own."""
-
-    def __init__(self, request: HotloadRequest, run: Callable[[], HotloadPlan]) -> None:
-        self.request = request
-        self.seconds = 0.0
-        self._plan: HotloadPlan | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(run,), name="asyncrl-verify",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, run: Callable[[], HotloadPlan]) -> None:
-        start = time.perf_counter()
-        try:
-            self._plan = run()
-        except BaseException as exc:  # raised to the hotload's thread by plan()
-            self._error = exc
-        finally:
-            self.seconds = time.perf_counter() - start
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def plan(self) -> HotloadPlan:
-        self.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._plan is not None
-        return self._plan
-
-
 class WorkerHotloadState:
     """What one worker serves, and the verification of a request against it (no vLLM)."""
 
@@ -294,11 +238,9 @@ class WorkerHotloadState:
         self.kind: str | None = None
         self.loaded_at: float | None = None
         self.hotloads = 0
-        # of the last hotload: verify_s, verify_wait_s (the part of the verification a
-        # prepared hotload still waited for), reload_s and apply_wait_s (the part of reload_s
-        # that vLLM's reload waited for the background apply)
+        # of the last hotload: verify_s, reload_s and apply_wait_s (the part of reload_s that
+        # vLLM's reload waited for the background apply)
         self.last_timings: dict[str, float] = {}
-        self._preparing: _Preparation | None = None
 
     @property
     def identity(self) -> str | None:
@@ -316,12 +258,7 @@ class WorkerHotloadState:
         snapshot is then unchanged). On success the held snapshot's bytes ARE the plan's (a
         delta is applied to them in place by ``plan.applying``): ``commit`` or ``invalidate``
         must follow."""
-        return self.verify(self.check(request, root=root, token=token), workers=workers)
-
-    def check(self, request: HotloadRequest, *, root: str | None, token: str | None) -> _Checked:
-        """The quick part of ``prepare``: token, path, manifest, chain and identity (no tensor
-        byte is read)."""
-        from asyncrl.sync.snapshot import changed_layer_groups, read_manifest
+        from asyncrl.sync.snapshot import changed_layer_groups, prepare_snapshot, read_manifest
 
         check_token(request.token, token)
         path = resolve_snapshot_path(root, request.snapshot_path)
@@ -335,52 +272,12 @@ class WorkerHotloadState:
         names = [entry.name for entry in manifest.tensors]
         if manifest.kind == "delta":
             names = changed_layer_groups(manifest.changed, names)
-        return _Checked(request, path, manifest, tuple(names))
-
-    def verify(self, checked: _Checked, *, workers: int | None = None) -> HotloadPlan:
-        """The costly part of ``prepare``: read the snapshot and verify every checksum
-        against the held bytes (a delta's new bytes are built chunk by chunk in scratch)."""
-        from asyncrl.sync.snapshot import prepare_snapshot
-
-        pending = prepare_snapshot(checked.path, self.snapshot, workers=workers,
-                                   manifest=checked.manifest)
+        # verified whole, nothing written yet; the plan's applying() turns the held bytes
+        pending = prepare_snapshot(path, self.snapshot, workers=workers, manifest=manifest)
         identity = pending.loaded.snapshot.identity
-        if identity != checked.request.snapshot_identity:  # pragma: no cover - checked in prepare
-            raise ChecksumError(
-                f"{checked.path} is {identity}, expected {checked.request.snapshot_identity}")
-        return HotloadPlan(pending, checked.reload_names)
-
-    def start_preparing(
-        self, request: HotloadRequest, *, root: str | None, token: str | None
-    ) -> None:
-        """``check`` the request now (raises what to report), then ``verify`` it on a thread
-        of its own; ``take_prepared`` collects the plan. A preparation still running is
-        waited for and dropped first."""
-        self.drop_preparation()
-        checked = self.check(request, root=root, token=token)
-
-        def run() -> HotloadPlan:
-            with _affinity(_every_cpu) as threads:
-                return self.verify(checked, workers=threads)
-
-        self._preparing = _Preparation(request, run)
-
-    def take_prepared(self, request: HotloadRequest) -> tuple[HotloadPlan, float] | None:
-        """The plan of the preparation of this very request and the seconds its verification
-        took, once it is done (its error is raised); None when there is none (a preparation
-        of another request is waited for and dropped)."""
-        preparing, self._preparing = self._preparing, None
-        if preparing is None:
-            return None
-        if preparing.request != request:
-            preparing.wait()
-            return None
-        return preparing.plan(), preparing.seconds
-
-    def drop_preparation(self) -> None:
-        preparing, self._preparing = self._preparing, None
-        if preparing is not None:
-            preparing.wait()
+        if identity != request.snapshot_identity:  # pragma: no cover - checked in prepare
+            raise ChecksumError(f"{path} is {identity}, expected {request.snapshot_identity}")
+        return HotloadPlan(pending, tuple(names))
 
     def _check_chain(
         self, request: HotloadRequest, kind: str, previous: str | None, path: Path
@@ -440,42 +337,24 @@ class AsyncRLWorkerExtension:
     lives in the instance attribute ``_asyncrl_hotload_state`` (names prefixed: vLLM refuses
     an extension whose attributes clash with the worker's)."""
 
-    def asyncrl_prepare(self, request_json: str) -> dict[str, Any]:
-        """Check a hotload request and start verifying it on a thread of its own, while the
-        engine keeps serving; never raises (answers a dict, at once)."""
-        state = _state_of(self)
-        try:
-            request = HotloadRequest.from_json(request_json)
-            state.start_preparing(request, root=os.environ.get(ENV_SNAPSHOT_ROOT),
-                                  token=os.environ.get(ENV_HOTLOAD_TOKEN))
-        except Exception as exc:
-            _log.warning("hotload.rejected", error=f"{type(exc).__name__}: {exc}")
-            return error_reply(exc, engine_touched=False)
-        return {"ok": True, "preparing": request.snapshot_identity,
-                "rank": getattr(self, "rank", 0)}
-
     def asyncrl_hotload(self, request_json: str) -> dict[str, Any]:
-        """Verify (or wait for the verification ``asyncrl_prepare`` started), then reload the
-        changed decoder layers; never raises (answers a dict)."""
+        """Verify, then reload the changed decoder layers; never raises (answers a dict)."""
         state = _state_of(self)
         start = time.perf_counter()
         try:
             request = HotloadRequest.from_json(request_json)
-            token = os.environ.get(ENV_HOTLOAD_TOKEN)
-            check_token(request.token, token)
-            prepared = state.take_prepared(request)
-            if prepared is None:
-                with _affinity(_every_cpu) as threads:
-                    plan = state.prepare(request, root=os.environ.get(ENV_SNAPSHOT_ROOT),
-                                         token=token, workers=threads)
-                verify_s = time.perf_counter() - start
-            else:
-                plan, verify_s = prepared
+            with _affinity(_every_cpu) as threads:
+                plan = state.prepare(
+                    request,
+                    root=os.environ.get(ENV_SNAPSHOT_ROOT),
+                    token=os.environ.get(ENV_HOTLOAD_TOKEN),
+                    workers=threads,
+                )
         except Exception as exc:
             _log.warning("hotload.rejected", error=f"{type(exc).__name__}: {exc}")
             return error_reply(exc, engine_touched=False)
         verified = time.perf_counter()
-        state.last_timings = {"verify_s": verify_s, "verify_wait_s": verified - start}
+        state.last_timings = {"verify_s": verified - start, "decode_threads": float(threads or 1)}
         try:
             with plan.applying() as applying:
                 self.reload_weights(weights_iterator=applying.weights())  # type: ignore[attr-defined]
@@ -494,8 +373,7 @@ class AsyncRLWorkerExtension:
             "kind": plan.kind,
             "changed_tensors": len(plan.loaded.changed),
             "reloaded_tensors": len(plan.reload_names),
-            "verify_s": verify_s,
-            "verify_wait_s": verified - start,
+            "verify_s": verified - start,
             "reload_s": done - verified,
             "apply_wait_s": applying.waited_s,
             "rank": getattr(self, "rank", 0),
