@@ -1692,7 +1692,10 @@ class _StreamedFile:
         view = _buffer(data)
         done = 0
         while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+            written = os.pwrite(self._fd, view[done:], offset + done)
+            if written <= 0:  # pragma: no cover - a regular file takes or raises
+                raise OSError(f"pwrite wrote nothing at offset {offset + done}")
+            done += written
         _start_writeback(self._fd, offset, len(view))
         self.size = max(self.size, offset + len(view))
 
