@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -624,10 +625,55 @@ def test_writeback_hint_is_the_real_syscall(tmp_path: Path) -> None:
     try:
         snap.os.write(fd, bytes(1 << 16))
         assert snap._start_writeback(fd, 0, 1 << 16)
-        assert not snap._start_writeback(fd, -1, 1 << 16)  # EINVAL: the arguments get there
+        assert snap._start_writeback(fd, 0, 1 << 31)  # 64-bit offsets and lengths get there
+        assert not snap._start_writeback(fd, -(1 << 32), 4096)  # EINVAL, ignored
     finally:
         snap.os.close(fd)
-    assert not snap._start_writeback(fd, 0, 1 << 16)  # EBADF, ignored
+
+
+def test_data_files_are_synced_before_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real = snap._fsync
+
+    def record(fd: int) -> None:
+        synced.append(Path(snap.os.readlink(f"/proc/self/fd/{fd}")).name)
+        real(fd)
+
+    monkeypatch.setattr(snap, "_fsync", record)
+    w0 = model()
+    _, base = write_base(tmp_path, "b", w0, workers=2)
+    assert synced == [WEIGHTS_FILE, MANIFEST_FILE]
+    synced.clear()
+    write_delta(tmp_path, "d", nudge(w0, list(w0)), base, workers=2)
+    assert synced == [DELTA_FILE, MANIFEST_FILE]
+
+
+@pytest.mark.parametrize("kind", ["base", "delta"])
+def test_disk_full_mid_write_leaves_nothing_and_the_held_bytes_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    import errno
+
+    w0 = model(layers=4)
+    held = make_host_snapshot(from_torch(w0))
+    real, calls = snap.os.pwrite, []
+
+    def full_disk(fd: int, data: Any, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(snap.os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        if kind == "base":
+            write_base(tmp_path, "s", w0, workers=2)
+        else:
+            write_delta(tmp_path, "s", nudge(w0, list(w0)), held, in_place=True, workers=2)
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+    assert all(not raw.data.flags.writeable for raw in held.tensors.values())
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -665,15 +711,19 @@ def test_parallel_each_stops_starting_work_after_an_error() -> None:
     timer.cancel()
     assert len(started) < 20  # the items not started were dropped
 
-    calls: list[int] = []
+    ran: list[int] = []
+
+    def slow(x: int) -> int:
+        ran.append(x)
+        time.sleep(0.01)
+        return x
 
     def failing_done(i: int, r: int) -> None:
-        calls.append(i)
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        snap._parallel_each(lambda x: x, list(range(20)), 2, done=failing_done)
-    assert len(calls) == 1
+        snap._parallel_each(slow, list(range(50)), 2, done=failing_done)
+    assert len(ran) < 50  # the error in done dropped the items not started
 
 
 def test_blob_writer_lays_blobs_out_in_name_order_as_soon_as_they_can_go(
@@ -899,7 +949,7 @@ def test_in_place_delta_that_fails_leaves_every_array_read_only(
         write_delta(tmp_path, "d1", w1, held, in_place=True, workers=1)
     assert len(calls) == 3
     assert all(not raw.data.flags.writeable for raw in held.tensors.values())
-    assert list_snapshots(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []  # not even a temporary directory
 
 
 def test_shares_bytes_finds_any_overlap() -> None:

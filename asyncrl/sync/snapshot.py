@@ -912,6 +912,7 @@ class _BlobWriter:
             blob = self.encoded[name].blob
             if blob is not None:
                 self.refs[name] = BlobRef(self._out.append(blob), len(blob), checksum(blob))
+                self.encoded[name] = self.encoded[name]._replace(blob=None)  # written: free it
             self._next += 1
 
 
@@ -1647,8 +1648,8 @@ def _write_atomically(
     write the manifest last, fsync, and rename the directory to ``target``."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{TEMP_PREFIX}{target.name}-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         manifest, result = fill(tmp)
         with open(tmp / MANIFEST_FILE, "w") as f:
             json.dump(_manifest_to_json(manifest), f, indent=1)
@@ -1673,7 +1674,7 @@ class _StreamedFile:
     0.06 s to fsync at the end, 0.0003 s with the writeback started piece by piece."""
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less umask
         self.size = 0
 
     def __enter__(self) -> _StreamedFile:
@@ -1696,8 +1697,9 @@ class _StreamedFile:
             if written <= 0:  # pragma: no cover - a regular file takes or raises
                 raise OSError(f"pwrite wrote nothing at offset {offset + done}")
             done += written
-        _start_writeback(self._fd, offset, len(view))
-        self.size = max(self.size, offset + len(view))
+        if len(view):
+            _start_writeback(self._fd, offset, len(view))
+            self.size = max(self.size, offset + len(view))
 
     def sync(self) -> None:
         _fsync(self._fd)
