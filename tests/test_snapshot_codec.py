@@ -3,7 +3,10 @@ computed while encoding and decoding. Round trips are bit-exact; malformed blobs
 
 from __future__ import annotations
 
+import os
 import struct
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -237,3 +240,59 @@ def test_snapshot_bytes_survive_buffer_recycling(monkeypatch: pytest.MonkeyPatch
     for _ in range(3):
         snap._encode_tensor(prev2, snap._raw_source(cur2, 2), 1)
     assert torch.equal(tensor_view, keep)
+
+
+def _mapping_of(address: int) -> tuple[str, int]:
+    """(permissions, resident KiB) of the mapping of this process that holds ``address``."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            if start <= address < end:
+                rss = next(int(x.split()[1]) for x in lines[i + 1:] if x.startswith("Rss:"))
+                return head[1], rss
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc only")
+def test_fresh_pool_buffers_are_private_and_already_faulted_in() -> None:
+    pool = snap._BufferPool(min_bytes=64, max_idle_bytes=0)
+    array = pool.take(8 << 20)
+    perms, rss_kib = _mapping_of(array.ctypes.data)
+    assert perms == "rw-p"  # private anonymous memory, not a shared (shmem) mapping
+    if hasattr(snap.mmap, "MAP_POPULATE"):
+        assert rss_kib >= 8 << 10  # every page is in before anything touched it
+
+
+def test_a_base_is_read_into_pooled_memory_that_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = {"a": torch.randn(64, 64), "b": torch.randn(300)}
+    snap.write_base(tmp_path, "b", weights)
+    size = (tmp_path / "b" / snap.WEIGHTS_FILE).stat().st_size
+    pool = snap._BufferPool(min_bytes=64, max_idle_bytes=1 << 30)
+    monkeypatch.setattr(snap, "_BUFFERS", pool)
+    loaded = snap.apply_snapshot(tmp_path / "b", None)
+    address = loaded.snapshot.tensors["a"].data.ctypes.data
+    assert snap.to_torch(loaded.snapshot)["a"].equal(weights["a"])
+    del loaded
+    assert pool._idle_bytes == size  # given back once the snapshot is gone
+    again = snap.apply_snapshot(tmp_path / "b", None)
+    assert again.snapshot.tensors["a"].data.ctypes.data == address and pool._idle_bytes == 0
+
+
+def test_read_exact_notices_a_file_that_changed_size_while_read(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(100))
+    assert snap._read_exact(path, 100).nbytes == 100
+    stale = os.stat_result((0, 0, 0, 0, 0, 0, 90, 0, 0, 0))
+
+    class StaleStat(type(path)):  # type: ignore[misc]
+        def stat(self, **kwargs: Any) -> os.stat_result:
+            return stale  # what stat said just before the file grew
+
+    with pytest.raises(ChecksumError, match="manifest expects 90"):
+        snap._read_exact(StaleStat(path), 90)
+    with pytest.raises(ChecksumError, match="is 100 bytes, manifest expects 90"):
+        snap._read_exact(path, 90)
