@@ -787,7 +787,7 @@ def test_base_written_tensor_by_tensor_is_the_same_safetensors_file(
     assert_same_bytes(load_file(tmp_path / "b" / WEIGHTS_FILE),
                       {k: v.to(torch.float16) for k, v in weights.items()})
     raw = snap.from_torch(weights, "float16")
-    header = snap._safetensors_header([(n, raw[n].dtype, raw[n].shape) for n in sorted(raw)])
+    header, _ = snap._safetensors_layout([(n, raw[n].dtype, raw[n].shape) for n in sorted(raw)])
     body = b"".join(raw[n].data.tobytes() for n in sorted(raw))
     assert (tmp_path / "b" / WEIGHTS_FILE).read_bytes() == header + body
     assert snapshot.identity == make_host_snapshot(raw).identity == manifest.snapshot_identity

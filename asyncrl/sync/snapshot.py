@@ -1423,18 +1423,23 @@ def _check_manifest_identity(path: Path, manifest: SnapshotManifest) -> None:
 # Internals: base (safetensors) I/O
 
 
-def _safetensors_header(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> bytes:
-    """The exact header we write (deterministic, so a reader can compare it byte for byte)."""
+def _safetensors_layout(
+    entries: Sequence[tuple[str, str, tuple[int, ...]]]
+) -> tuple[bytes, list[int]]:
+    """The exact header we write (deterministic, so a reader can compare it byte for byte)
+    and where each tensor's bytes lie in the file: tensor ``i`` at ``bounds[i]:bounds[i+1]``
+    (the last bound is the file's size)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
+    offsets = [0]
     for name, dtype, shape in entries:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
+        end = offsets[-1] + int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
         header[name] = {"dtype": _DTYPES[dtype][1], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+                        "data_offsets": [offsets[-1], end]}
+        offsets.append(end)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
+    text = struct.pack("<Q", len(text)) + text
+    return text, [len(text) + offset for offset in offsets]
 
 
 def _write_safetensors(path: Path, sources: Mapping[str, _Source], workers: int | None
@@ -1443,9 +1448,8 @@ def _write_safetensors(path: Path, sources: Mapping[str, _Source], workers: int 
     safetensors file ``path``, each tensor at its offset as soon as it is converted; answers
     the snapshot of those bytes."""
     names = sorted(sources)
-    header = _safetensors_header([(n, sources[n].dtype, sources[n].shape) for n in names])
-    sizes = [_nbytes(sources[n]) for n in names]
-    starts = np.cumsum([len(header), *sizes]).tolist()
+    header, starts = _safetensors_layout([(n, sources[n].dtype, sources[n].shape)
+                                          for n in names])
     converted: dict[str, tuple[RawTensor, str]] = {}
 
     def convert(name: str) -> tuple[RawTensor, str]:  # on a worker thread
@@ -1467,13 +1471,11 @@ def _write_safetensors(path: Path, sources: Mapping[str, _Source], workers: int 
 
 def _load_base(path: Path, manifest: SnapshotManifest, workers: int | None) -> HostSnapshot:
     entries = manifest.tensors
-    header = _safetensors_header([(e.name, e.dtype, e.shape) for e in entries])
-    sizes = [int(np.prod(e.shape, dtype=np.int64)) * _itemsize(e.dtype) for e in entries]
-    buf = _read_exact(path / WEIGHTS_FILE, len(header) + sum(sizes), pooled=True)
+    header, bounds = _safetensors_layout([(e.name, e.dtype, e.shape) for e in entries])
+    buf = _read_exact(path / WEIGHTS_FILE, bounds[-1], pooled=True)
     if buf[: len(header)].tobytes() != header:
         raise ChecksumError(f"{path / WEIGHTS_FILE}: safetensors header does not match manifest")
-    starts = np.cumsum([len(header), *sizes]).tolist()
-    raw = {e.name: RawTensor(e.dtype, e.shape, buf[starts[i]: starts[i] + sizes[i]])
+    raw = {e.name: RawTensor(e.dtype, e.shape, buf[bounds[i]: bounds[i + 1]])
            for i, e in enumerate(entries)}
     _verify_checksums(path / WEIGHTS_FILE, raw, manifest, workers)
     return _host_snapshot(raw, {e.name: e.checksum for e in entries})
