@@ -49,12 +49,16 @@ Definitions:
 
     .venv/bin/python benchmarks/hotload_latency.py [--presets tiny qwen2-0.5b-shape]
         [--steps 5] [--lrs 1e-6 1e-5] [--update auto|adam|sign] [--out runs/hotload_latency]
+
+Exit status: 0 when every target that applies passed, 1 when one failed (the report says
+which), 2 for bad arguments (checked before anything starts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import shutil
@@ -756,28 +760,74 @@ def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
     plot(results, out / "hotload_latency.png")
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    """An argparse ``type=``: a finite number above 0 (argparse names the option in its error)."""
+    noun = "an integer" if kind is int else "a finite number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {noun} above 0")
+        return value
+
+    return parse
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Everything is checked here, before a model is made or a server started: a bad value
+    is a usage error (exit status 2), not a traceback minutes into the run."""
+    from asyncrl.models import PRESETS
+
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "qwen2-0.5b-shape"])
-    parser.add_argument("--steps", type=int, default=5, help="updates (and syncs) per lr")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-6, 1e-5])
+    parser.add_argument(
+        "--presets", nargs="+", default=["tiny", "qwen2-0.5b-shape"], choices=sorted(PRESETS)
+    )
+    parser.add_argument(
+        "--steps", type=_positive(int), default=5, help="updates (and syncs) per lr"
+    )
+    parser.add_argument(
+        "--lrs", type=_positive(float), nargs="+", default=[1e-6, 1e-5],
+        help="learning rates, each a group of --steps delta syncs (1e-6 carries the bytes target)",
+    )
     parser.add_argument("--update", choices=("auto", "adam", "sign"), default="auto")
-    parser.add_argument("--link-gbps", type=float, default=10.0, help="modeled transfer link")
+    parser.add_argument(
+        "--link-gbps", type=_positive(float), default=10.0,
+        help="modeled transfer link",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/hotload_latency"))
     parser.add_argument("--keep-work", action="store_true", help="keep models and snapshots")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, values in (("--presets", args.presets), ("--lrs", args.lrs)):
+        if len(set(values)) != len(values):
+            parser.error(f"{flag} repeats a value: {' '.join(map(str, values))}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
+    return args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def verdict(results: Sequence[dict[str, Any]]) -> int:
+    """The exit status: 0 when every target that applies passed, 1 when one failed."""
+    rows = [row for result in results for row in result["targets"]]
+    return 1 if any(row["pass"] is False for row in rows) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM -> SystemExit: the async context managers and the manager's atexit hook then
     # stop the vLLM server (a bare SIGTERM would leave its process group running)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.environ.setdefault("ASYNCRL_LOG_LEVEL", "WARNING")  # before asyncrl configures logging
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("ASYNCRL_LOG_LEVEL", "WARNING")  # before asyncrl configures logging
-    anyio.run(amain, args)
+    results = anyio.run(amain, args)
     say(f"\nwrote {args.out / 'hotload_latency.json'} and {args.out / 'hotload_latency.png'}")
+    status = verdict(results)
+    if status:
+        say("exit status 1: a target failed (see FAIL above)")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
