@@ -898,3 +898,15 @@ async def test_prompt_logprobs_reads_each_next_token() -> None:
         fake.probe = {"choices": [{"text": "x"}]}  # a server that ignored prompt_logprobs
         with pytest.raises(DeploymentError, match="no prompt_logprobs"):
             await manager.prompt_logprobs(deployment, [3, 7])
+
+
+@pytest.mark.anyio
+async def test_weight_version_is_read_from_weight_info() -> None:
+    fake = FakeVLLM()
+    manager, deployment = await _attached(fake)
+    async with manager:
+        assert await manager.weight_version(deployment) == "id9"
+        assert fake.calls[-1] == "GET /weight_info"
+        fake.fail["/weight_info"] = 500
+        with pytest.raises(DeploymentError, match="weight_info answered HTTP 500"):
+            await manager.weight_version(deployment)

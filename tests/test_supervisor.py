@@ -4,6 +4,7 @@ server mid-run, is tests/test_chaos_deployment.py.)"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ class FakeDeployment:
     owned: bool = True
     alive: bool = True
     healthy: bool = True
+    version: str = "default"  # vLLM's weight version
+    version_fails: bool = False
 
     def process_alive(self) -> bool:
         return self.alive
@@ -32,6 +35,7 @@ class FakeManager:
     fail_restarts: int = 0  # the next N restarts raise DeploymentError
     restarts: int = 0
     checks: int = 0
+    version_reads: int = 0
 
     async def is_alive(self, deployment: FakeDeployment) -> bool:
         self.checks += 1
@@ -44,6 +48,14 @@ class FakeManager:
             raise DeploymentError("simulated: server did not come up")
         self.restarts += 1
         deployment.alive = deployment.healthy = True
+        deployment.version = "default"
+
+    async def weight_version(self, deployment: FakeDeployment) -> str:
+        self.version_reads += 1
+        await anyio.lowlevel.checkpoint()
+        if deployment.version_fails:
+            raise DeploymentError("simulated: GET /weight_info timed out")
+        return deployment.version
 
 
 @dataclass
@@ -58,6 +70,7 @@ class FakeSyncer:
     newest: str | None = None
     previous_snapshot_identity: str | None = None
     last_timing: object = None
+    hold: anyio.Event | None = None  # a sync waits for it after the deployment took the weights
 
     async def save_and_hotload(
         self, name: str, checkpoint_type: str | None = None, *, after_submit=None
@@ -72,6 +85,10 @@ class FakeSyncer:
         await anyio.lowlevel.checkpoint()
         if not self.deployment.alive:
             raise DeploymentError("hotload failed: connection refused")
+        self.deployment.version = f"id-{name}"  # the hotload sets it, then the probe runs
+        if self.hold is not None:
+            await self.hold.wait()
+        self.previous_snapshot_identity = f"id-{name}"  # what the syncer records after
         self.served.append(name)
         return name
 
@@ -79,6 +96,7 @@ class FakeSyncer:
         self.saves_queued += 1  # as the real one: a resync saves a base too
         self.resyncs.append(name)
         self.served.append(f"base-of:{self.newest}")
+        self.deployment.version = self.previous_snapshot_identity = f"id-{name}"
         return name
 
 
@@ -264,6 +282,116 @@ async def test_watchdog_needs_consecutive_failed_checks_for_a_live_process(
                 await anyio.sleep(0.005)
         tg.cancel_scope.cancel()
     assert mgr.checks >= 3
+
+
+async def _wait_for(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(2.0):
+        while not condition():  # noqa: ASYNC110 - polling what the fakes record
+            await anyio.sleep(0.005)
+
+
+@pytest.mark.anyio
+async def test_watchdog_recovers_a_healthy_deployment_serving_other_weights(
+    tmp_path: Path,
+) -> None:
+    # an attached server replaced between two health checks: it answers, with model_dir
+    sup, mgr, syncer = make(tmp_path)
+    await sup.save_and_hotload("step-1")
+    assert sup.deployment.version == syncer.previous_snapshot_identity == "id-step-1"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        await _wait_for(lambda: mgr.version_reads >= 3)
+        assert sup.restarts == 0  # the synced weights: nothing to do
+        sup.deployment.version = "default"
+        await _wait_for(lambda: sup.restarts >= 1)
+        reads = mgr.version_reads
+        await _wait_for(lambda: mgr.version_reads >= reads + 3)
+        tg.cancel_scope.cancel()
+    assert sup.restarts == 1 and sup.epoch == 1  # once: the resync put the weights back
+    assert mgr.restarts == 0  # it answered: no reconnect, only the base
+    assert syncer.resyncs == ["recovery-1"]
+    assert sup.deployment.version == syncer.previous_snapshot_identity == "id-recovery-1"
+
+
+@pytest.mark.anyio
+async def test_watchdog_does_not_compare_during_a_sync(tmp_path: Path) -> None:
+    sup, mgr, syncer = make(tmp_path)
+    await sup.save_and_hotload("step-1")
+    syncer.hold = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        tg.start_soon(sup.save_and_hotload, "step-2")
+        # the deployment already serves step-2, the syncer still records step-1
+        await _wait_for(lambda: sup.deployment.version == "id-step-2")
+        checks, reads = mgr.checks, mgr.version_reads
+        await _wait_for(lambda: mgr.checks >= checks + 5)
+        assert sup.restarts == 0
+        assert mgr.version_reads <= reads + 1  # not even read while the sync runs
+        syncer.hold.set()
+        await _wait_for(lambda: syncer.previous_snapshot_identity == "id-step-2")
+        reads = mgr.version_reads
+        await _wait_for(lambda: mgr.version_reads >= reads + 3)
+        tg.cancel_scope.cancel()
+    assert sup.restarts == 0 and syncer.resyncs == []
+
+
+@pytest.mark.anyio
+async def test_a_sync_starting_while_the_version_is_read_is_no_replacement(
+    tmp_path: Path,
+) -> None:
+    sup, mgr, syncer = make(tmp_path)
+    await sup.save_and_hotload("step-1")
+    reading, answer = anyio.Event(), anyio.Event()
+    read = mgr.weight_version
+
+    async def slow_read(deployment: FakeDeployment) -> str:
+        reading.set()
+        await answer.wait()
+        return await read(deployment)  # by now the deployment serves step-2
+
+    mgr.weight_version = slow_read  # type: ignore[method-assign]
+    syncer.hold = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        await reading.wait()
+        tg.start_soon(sup.save_and_hotload, "step-2")
+        await _wait_for(lambda: sup.deployment.version == "id-step-2")
+        answer.set()
+        mgr.weight_version = read  # type: ignore[method-assign]
+        checks = mgr.checks
+        await _wait_for(lambda: mgr.checks >= checks + 5)
+        assert sup.restarts == 0
+        syncer.hold.set()
+        await _wait_for(lambda: syncer.previous_snapshot_identity == "id-step-2")
+        reads = mgr.version_reads
+        await _wait_for(lambda: mgr.version_reads >= reads + 3)
+        tg.cancel_scope.cancel()
+    assert sup.restarts == 0 and syncer.resyncs == []
+
+
+@pytest.mark.anyio
+async def test_watchdog_compares_nothing_before_the_first_sync(tmp_path: Path) -> None:
+    sup, mgr, _ = make(tmp_path)  # the server serves its model_dir ("default")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        await _wait_for(lambda: mgr.checks >= 5)
+        tg.cancel_scope.cancel()
+    assert sup.restarts == 0 and mgr.version_reads == 0
+
+
+@pytest.mark.anyio
+async def test_a_failed_version_read_is_left_to_the_health_check(tmp_path: Path) -> None:
+    sup, mgr, syncer = make(tmp_path)
+    await sup.save_and_hotload("step-1")
+    sup.deployment.version, sup.deployment.version_fails = "default", True
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        await _wait_for(lambda: mgr.version_reads >= 5)
+        assert sup.restarts == 0  # healthy, version unknown: no recovery on a guess
+        sup.deployment.version_fails = False
+        await _wait_for(lambda: sup.restarts >= 1)
+        tg.cancel_scope.cancel()
+    assert syncer.resyncs == ["recovery-1"]
 
 
 def test_fresh_snapshot_name_skips_existing(tmp_path: Path) -> None:

@@ -231,3 +231,47 @@ async def test_rejected_deltas_leave_served_weights_and_syncer_intact(
     assert syncer.last_timing is not None and syncer.last_timing.kind == "delta"
     assert syncer.delta_fallbacks == 0
     await assert_serves_trainer_weights(vllm_manager, vllm_deployment, client, served)
+
+
+async def test_supervisor_puts_the_trained_weights_back_after_someone_else_hotloads(
+    vllm_manager: DeploymentManager,
+    vllm_deployment: Deployment,
+    client: TrainingClient,
+    syncer: WeightSyncer,
+) -> None:
+    """The deployment answers health checks but serves weights nobody trained: the watchdog
+    sees vLLM's weight version differ from the synced identity and re-hotloads a base."""
+    import anyio
+
+    from asyncrl.sync.supervisor import DeploymentSupervisor
+
+    supervisor = DeploymentSupervisor(
+        vllm_manager, vllm_deployment, syncer, snapshot_root=client.sampler_root,
+        check_interval_s=0.2,
+    )
+    served = await served_logprobs(vllm_manager, vllm_deployment)
+    await train_step(client)
+    await supervisor.save_and_hotload("ours")
+    served = await assert_serves_trainer_weights(vllm_manager, vllm_deployment, client, served)
+    ours = syncer.previous_snapshot_identity
+    assert await vllm_manager.weight_version(vllm_deployment) == ours
+
+    theirs = {name: t * 1.5 for name, t in bf16_weights(client).items()}
+    manifest, _ = snap.write_base(client.sampler_root, "theirs", theirs)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.watch)
+        await anyio.sleep(1.0)  # several checks of the synced weights
+        assert supervisor.restarts == 0
+        path = client.sampler_root / "theirs"
+        await vllm_manager.hotload_and_wait(
+            vllm_deployment, manifest.snapshot_identity, snapshot_path=path
+        )
+        with anyio.fail_after(60):
+            while supervisor.restarts < 1:  # noqa: ASYNC110 - polling the supervisor's count
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert supervisor.epoch == 1 and syncer.previous_snapshot_identity == ours  # same weights
+    assert await vllm_manager.weight_version(vllm_deployment) == ours
+    # served again: the trainer's weights, away from what the foreign weights give
+    foreign = trainer_logprobs(client, theirs)
+    await assert_serves_trainer_weights(vllm_manager, vllm_deployment, client, foreign)

@@ -798,8 +798,7 @@ class DeploymentManager:
             results = await self._rpc(deployment, STATUS_METHOD, [], rpc_timeout_s=30.0)
             identities = {r.get("identity") for r in results if isinstance(r, Mapping)}
             worker = results[0] if len(identities) == 1 and isinstance(results[0], Mapping) else {}
-            info = await self._control(deployment, "GET", "/weight_info")
-            version = info.get("weight_version") if isinstance(info, Mapping) else None
+            version = await self._weight_version(deployment)
         return DeploymentStatus(
             ready=ready,
             current_snapshot_identity=worker.get("identity"),
@@ -809,6 +808,22 @@ class DeploymentManager:
             kind=worker.get("kind"),
             hotloads=int(worker.get("hotloads") or 0),
         )
+
+    async def weight_version(self, deployment: Deployment, timeout: float = 5.0) -> str | None:  # noqa: ASYNC109
+        """vLLM's weight version (``GET /weight_info``, answered by the engine without a
+        worker rpc): the identity of the last snapshot hotloaded here, or vLLM's own value
+        (``"default"``) on a server that has not been hotloaded since it (re)started. Raises
+        DeploymentError when the server does not answer within ``timeout``."""
+        self._check_open()
+        deployment._check_open()
+        return await self._weight_version(deployment, timeout)
+
+    async def _weight_version(
+        self, deployment: Deployment, timeout: float | None = None  # noqa: ASYNC109
+    ) -> str | None:
+        info = await self._control(deployment, "GET", "/weight_info", http_timeout_s=timeout)
+        version = info.get("weight_version") if isinstance(info, Mapping) else None
+        return None if version is None else str(version)
 
     async def delete(self, deployment: Deployment) -> None:
         """Stop an owned server (no process of its group survives) and close the client."""

@@ -14,6 +14,17 @@ delta chain is reset and the newest saved snapshot hotloaded as a base
 serving again. Recoveries are single-flight: whoever notices a dead deployment first (the
 watchdog, an actor whose requests failed, the weight sync) runs it; the others wait for it.
 
+The watchdog also notices a deployment that answers but no longer serves the trainer's weights:
+an attached server replaced or restarted by whoever runs it faster than two health checks, or
+hotloaded by someone else. After each passing health check it compares vLLM's weight version
+(``GET /weight_info``, set to the snapshot identity by every hotload) with the identity the
+deployment last confirmed to the syncer, and recovers on a difference. It does not compare while
+a sync runs through ``save_and_hotload`` (the version changes before the syncer records it), nor
+before the first sync (the server serves its model directory then). Samples that began before
+the replacement and end after the check are sampled again (the epoch changed); between the
+replacement and the next check (``check_interval_s``) a rollout may still be sampled from other
+weights: vLLM's completions do not say which weights answered them.
+
 Invariants:
 - Nothing is sampled while a recovery runs, and a sample that straddled a crash is
   recognisable (``epoch`` changed), so the caller retries it rather than train on an answer
@@ -91,6 +102,7 @@ class DeploymentSupervisor:
         self._serving = anyio.Event()
         self._serving.set()
         self._lock = anyio.Lock()
+        self._syncs = 0  # save_and_hotload calls running
         self.resynced_name: str | None = None
 
     # -- what actors use -----------------------------------------------------------------------
@@ -136,11 +148,14 @@ class DeploymentSupervisor:
 
         while True:
             epoch = await self.wait_serving()
+            self._syncs += 1
             try:
                 return str(await self.syncer.save_and_hotload(name, checkpoint_type,
                                                               after_submit=on_submit))
             except DeploymentError as exc:
                 failure = f"weight sync {name} failed: {exc}"
+            finally:
+                self._syncs -= 1
             await self.recover(failure, epoch)
             if submitted:
                 # saved, then the hotload failed: the recovery's base holds that snapshot's
@@ -151,7 +166,8 @@ class DeploymentSupervisor:
 
     async def watch(self) -> None:
         """Health-check every ``check_interval_s``; recover after
-        ``failed_checks`` failures in a row (at once when an owned process exited)."""
+        ``failed_checks`` failures in a row (at once when an owned process exited), or when a
+        healthy deployment serves other weights than the ones last synced to it."""
         failures = 0
         while True:
             await anyio.sleep(self.check_interval_s)
@@ -161,6 +177,10 @@ class DeploymentSupervisor:
             epoch = self.epoch
             if await self.mgr.is_alive(self.deployment):
                 failures = 0
+                replaced = await self._weights_replaced()
+                if replaced is not None:
+                    log.warning("deployment.weights_replaced", reason=replaced)
+                    await self.recover(replaced, epoch)
                 continue
             failures += 1
             dead = self.deployment.owned and not self.deployment.process_alive()
@@ -168,6 +188,25 @@ class DeploymentSupervisor:
             if dead or failures >= self.failed_checks:
                 failures = 0
                 await self.recover("health check failed", epoch)
+
+    async def _weights_replaced(self) -> str | None:
+        """Why the deployment does not serve the synced weights, or None when it does (or
+        when that cannot be told now: before the first sync, during a sync or a recovery, or
+        when the version read fails; a dead server is the health check's to find)."""
+        expected = self.syncer.previous_snapshot_identity
+        if expected is None or self._syncs or self._lock.locked():
+            return None
+        try:
+            version = await self.mgr.weight_version(self.deployment)
+        except DeploymentError:
+            return None
+        if (self._syncs or self._lock.locked()
+                or self.syncer.previous_snapshot_identity != expected):
+            return None  # a sync or a recovery started (or ran) while the version was read
+        if version == expected:
+            return None
+        return (f"the deployment serves weight version {version!r}, not the synced snapshot "
+                f"{expected} (restarted or hotloaded by someone else)")
 
     async def recover(self, reason: str, epoch: int) -> None:
         """Bring the deployment back serving the newest saved weights. No-op when a recovery
