@@ -908,5 +908,21 @@ async def test_weight_version_is_read_from_weight_info() -> None:
         assert await manager.weight_version(deployment) == "id9"
         assert fake.calls[-1] == "GET /weight_info"
         fake.fail["/weight_info"] = 500
-        with pytest.raises(DeploymentError, match="weight_info answered HTTP 500"):
+        with pytest.raises(DeploymentError, match="weight_info answered HTTP 500") as exc:
+            await manager.weight_version(deployment)
+        assert exc.value.__cause__ is None  # raised as it is, not wrapped again
+
+
+@pytest.mark.anyio
+async def test_weight_version_turns_a_bad_answer_or_closed_client_into_deployment_error() -> None:
+    async def not_json(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="<html>proxy error</html>")
+
+    manager = DeploymentManager()
+    deployment = await manager.attach("http://fake:1", transport=httpx.MockTransport(not_json))
+    async with manager:
+        with pytest.raises(DeploymentError, match="weight_info"):
+            await manager.weight_version(deployment)
+        await deployment._client.aclose()  # as a restart does, while a read is on its way
+        with pytest.raises(DeploymentError, match="weight_info"):
             await manager.weight_version(deployment)

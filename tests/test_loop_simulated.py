@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from asyncrl.config import RLConfig, WeightSyncConfig
@@ -444,6 +445,7 @@ class CrashableDeployment:
     def __init__(self) -> None:
         self.alive = True
         self.generation = 0  # bumped by every restart
+        self.version = "default"  # vLLM's weight version: the identity hotloaded last
 
     def kill(self) -> None:
         self.alive = False
@@ -460,6 +462,11 @@ class RestartingManager:
         await anyio.sleep(0.02)
         deployment.alive = True
         deployment.generation += 1
+        deployment.version = "default"
+
+    async def weight_version(self, deployment: CrashableDeployment) -> str:
+        await anyio.lowlevel.checkpoint()
+        return deployment.version
 
 
 class CrashingRollouts(FakeRollouts):
@@ -519,12 +526,18 @@ class SyncerDyingWithTheDeployment(FakeSyncer):
 
         out = await super().save_and_hotload(name, checkpoint_type, after_submit=after_submit)
         if not self.deployment.alive:
+            self.previous_snapshot_identity = None  # as the real one after a failed hotload
             raise DeploymentError("hotload: connection refused")
+        # as the real hotload: vLLM's version first, the syncer's record after the probe
+        self.deployment.version = f"id-{name}"
+        await anyio.sleep(0.005)
+        self.previous_snapshot_identity = f"id-{name}"
         return out
 
     async def resync(self, name: str) -> str:
         self.names.append(name)  # a base of the newest snapshot
         self.resyncs.append(name)
+        self.deployment.version = self.previous_snapshot_identity = f"id-{name}"
         return name
 
 

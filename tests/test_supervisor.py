@@ -369,6 +369,75 @@ async def test_a_sync_starting_while_the_version_is_read_is_no_replacement(
     assert sup.restarts == 0 and syncer.resyncs == []
 
 
+def _held_reads(
+    mgr: FakeManager, stale: str | None = None
+) -> tuple[anyio.Event, anyio.Event]:
+    """Make the manager's next version read wait: (reading, answer) events; once ``answer``
+    is set the read returns what the deployment serves then, or ``stale`` (what it served
+    when the read was asked)."""
+    reading, answer = anyio.Event(), anyio.Event()
+    read = mgr.weight_version
+
+    async def held(deployment: FakeDeployment) -> str:
+        mgr.weight_version = read  # type: ignore[method-assign]
+        reading.set()
+        await answer.wait()
+        version = await read(deployment)
+        return version if stale is None else stale
+
+    mgr.weight_version = held  # type: ignore[method-assign]
+    return reading, answer
+
+
+@pytest.mark.anyio
+async def test_a_sync_done_while_the_version_is_read_is_no_replacement(tmp_path: Path) -> None:
+    sup, mgr, syncer = make(tmp_path)
+    await sup.save_and_hotload("step-1")
+    reading, answer = _held_reads(mgr)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        await reading.wait()
+        await sup.save_and_hotload("step-2")  # starts and ends while the read waits
+        answer.set()  # answers step-2, which the watch did not expect when it asked
+        checks = mgr.checks
+        await _wait_for(lambda: mgr.checks >= checks + 5)
+        tg.cancel_scope.cancel()
+    assert sup.restarts == 0 and syncer.resyncs == []
+
+
+@pytest.mark.anyio
+async def test_a_recovery_run_while_the_version_is_read_is_not_repeated(tmp_path: Path) -> None:
+    sup, mgr, syncer = make(tmp_path)
+    await sup.save_and_hotload("step-1")
+    sup.deployment.version = "default"  # replaced
+    reading, answer = _held_reads(mgr, stale="default")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        await reading.wait()
+        await sup.recover("noticed by a sampler", sup.epoch)  # while the watch's read waits
+        assert sup.deployment.version == "id-recovery-1"
+        answer.set()  # "default": true when asked, stale now
+        reads = mgr.version_reads
+        await _wait_for(lambda: mgr.version_reads >= reads + 3)
+        tg.cancel_scope.cancel()
+    assert sup.restarts == 1 and syncer.resyncs == ["recovery-1"]
+
+
+@pytest.mark.anyio
+async def test_the_watch_compares_again_after_a_failed_sync(tmp_path: Path) -> None:
+    sup, _, syncer = make(tmp_path)
+    await sup.save_and_hotload("step-1")
+    sup.deployment.alive = False  # the sync fails; its recovery restarts and resyncs
+    await sup.save_and_hotload("step-2")
+    assert sup.restarts == 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        sup.deployment.version = "default"  # then replaced
+        await _wait_for(lambda: sup.restarts >= 2)
+        tg.cancel_scope.cancel()
+    assert syncer.resyncs == ["recovery-1", "recovery-2"]
+
+
 @pytest.mark.anyio
 async def test_watchdog_compares_nothing_before_the_first_sync(tmp_path: Path) -> None:
     sup, mgr, _ = make(tmp_path)  # the server serves its model_dir ("default")

@@ -821,7 +821,12 @@ class DeploymentManager:
     async def _weight_version(
         self, deployment: Deployment, timeout: float | None = None  # noqa: ASYNC109
     ) -> str | None:
-        info = await self._control(deployment, "GET", "/weight_info", http_timeout_s=timeout)
+        try:
+            info = await self._control(deployment, "GET", "/weight_info", http_timeout_s=timeout)
+        except DeploymentError:
+            raise
+        except (ValueError, RuntimeError) as exc:  # not JSON; a restart closed this client
+            raise DeploymentError(f"{deployment.base_url}/weight_info: {exc!r}") from exc
         version = info.get("weight_version") if isinstance(info, Mapping) else None
         return None if version is None else str(version)
 

@@ -103,6 +103,7 @@ class DeploymentSupervisor:
         self._serving.set()
         self._lock = anyio.Lock()
         self._syncs = 0  # save_and_hotload calls running
+        self._changes = 0  # syncs and recoveries started: the served weights may have changed
         self.resynced_name: str | None = None
 
     # -- what actors use -----------------------------------------------------------------------
@@ -149,6 +150,7 @@ class DeploymentSupervisor:
         while True:
             epoch = await self.wait_serving()
             self._syncs += 1
+            self._changes += 1
             try:
                 return str(await self.syncer.save_and_hotload(name, checkpoint_type,
                                                               after_submit=on_submit))
@@ -196,12 +198,12 @@ class DeploymentSupervisor:
         expected = self.syncer.previous_snapshot_identity
         if expected is None or self._syncs or self._lock.locked():
             return None
+        changes = self._changes
         try:
             version = await self.mgr.weight_version(self.deployment)
         except DeploymentError:
             return None
-        if (self._syncs or self._lock.locked()
-                or self.syncer.previous_snapshot_identity != expected):
+        if self._changes != changes:
             return None  # a sync or a recovery started (or ran) while the version was read
         if version == expected:
             return None
@@ -220,6 +222,7 @@ class DeploymentSupervisor:
                     f"{self.restarts} recoveries (max_restarts={self.max_restarts}); giving up"
                 )
             self.epoch += 1
+            self._changes += 1
             self._serving = anyio.Event()
             t0 = time.perf_counter()
             log.warning("deployment.recovering", reason=reason, restarts=self.restarts)
