@@ -290,6 +290,18 @@ async def _wait_for(condition: Callable[[], bool]) -> None:
             await anyio.sleep(0.005)
 
 
+async def _more_checks(mgr: FakeManager, n: int) -> None:
+    """Wait until the watch ran ``n`` more health checks."""
+    checks = mgr.checks
+    await _wait_for(lambda: mgr.checks >= checks + n)
+
+
+async def _more_reads(mgr: FakeManager, n: int) -> None:
+    """Wait until the watch read the weight version ``n`` more times."""
+    reads = mgr.version_reads
+    await _wait_for(lambda: mgr.version_reads >= reads + n)
+
+
 @pytest.mark.anyio
 async def test_watchdog_recovers_a_healthy_deployment_serving_other_weights(
     tmp_path: Path,
@@ -304,8 +316,7 @@ async def test_watchdog_recovers_a_healthy_deployment_serving_other_weights(
         assert sup.restarts == 0  # the synced weights: nothing to do
         sup.deployment.version = "default"
         await _wait_for(lambda: sup.restarts >= 1)
-        reads = mgr.version_reads
-        await _wait_for(lambda: mgr.version_reads >= reads + 3)
+        await _more_reads(mgr, 3)
         tg.cancel_scope.cancel()
     assert sup.restarts == 1 and sup.epoch == 1  # once: the resync put the weights back
     assert mgr.restarts == 0  # it answered: no reconnect, only the base
@@ -323,48 +334,13 @@ async def test_watchdog_does_not_compare_during_a_sync(tmp_path: Path) -> None:
         tg.start_soon(sup.save_and_hotload, "step-2")
         # the deployment already serves step-2, the syncer still records step-1
         await _wait_for(lambda: sup.deployment.version == "id-step-2")
-        checks, reads = mgr.checks, mgr.version_reads
-        await _wait_for(lambda: mgr.checks >= checks + 5)
+        reads = mgr.version_reads
+        await _more_checks(mgr, 5)
         assert sup.restarts == 0
         assert mgr.version_reads <= reads + 1  # not even read while the sync runs
         syncer.hold.set()
         await _wait_for(lambda: syncer.previous_snapshot_identity == "id-step-2")
-        reads = mgr.version_reads
-        await _wait_for(lambda: mgr.version_reads >= reads + 3)
-        tg.cancel_scope.cancel()
-    assert sup.restarts == 0 and syncer.resyncs == []
-
-
-@pytest.mark.anyio
-async def test_a_sync_starting_while_the_version_is_read_is_no_replacement(
-    tmp_path: Path,
-) -> None:
-    sup, mgr, syncer = make(tmp_path)
-    await sup.save_and_hotload("step-1")
-    reading, answer = anyio.Event(), anyio.Event()
-    read = mgr.weight_version
-
-    async def slow_read(deployment: FakeDeployment) -> str:
-        reading.set()
-        await answer.wait()
-        return await read(deployment)  # by now the deployment serves step-2
-
-    mgr.weight_version = slow_read  # type: ignore[method-assign]
-    syncer.hold = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(sup.watch)
-        await reading.wait()
-        tg.start_soon(sup.save_and_hotload, "step-2")
-        await _wait_for(lambda: sup.deployment.version == "id-step-2")
-        answer.set()
-        mgr.weight_version = read  # type: ignore[method-assign]
-        checks = mgr.checks
-        await _wait_for(lambda: mgr.checks >= checks + 5)
-        assert sup.restarts == 0
-        syncer.hold.set()
-        await _wait_for(lambda: syncer.previous_snapshot_identity == "id-step-2")
-        reads = mgr.version_reads
-        await _wait_for(lambda: mgr.version_reads >= reads + 3)
+        await _more_reads(mgr, 3)
         tg.cancel_scope.cancel()
     assert sup.restarts == 0 and syncer.resyncs == []
 
@@ -390,6 +366,29 @@ def _held_reads(
 
 
 @pytest.mark.anyio
+async def test_a_sync_starting_while_the_version_is_read_is_no_replacement(
+    tmp_path: Path,
+) -> None:
+    sup, mgr, syncer = make(tmp_path)
+    await sup.save_and_hotload("step-1")
+    reading, answer = _held_reads(mgr)
+    syncer.hold = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.watch)
+        await reading.wait()
+        tg.start_soon(sup.save_and_hotload, "step-2")
+        await _wait_for(lambda: sup.deployment.version == "id-step-2")
+        answer.set()  # step-2, while the syncer still records step-1
+        await _more_checks(mgr, 5)
+        assert sup.restarts == 0
+        syncer.hold.set()
+        await _wait_for(lambda: syncer.previous_snapshot_identity == "id-step-2")
+        await _more_reads(mgr, 3)
+        tg.cancel_scope.cancel()
+    assert sup.restarts == 0 and syncer.resyncs == []
+
+
+@pytest.mark.anyio
 async def test_a_sync_done_while_the_version_is_read_is_no_replacement(tmp_path: Path) -> None:
     sup, mgr, syncer = make(tmp_path)
     await sup.save_and_hotload("step-1")
@@ -399,8 +398,7 @@ async def test_a_sync_done_while_the_version_is_read_is_no_replacement(tmp_path:
         await reading.wait()
         await sup.save_and_hotload("step-2")  # starts and ends while the read waits
         answer.set()  # answers step-2, which the watch did not expect when it asked
-        checks = mgr.checks
-        await _wait_for(lambda: mgr.checks >= checks + 5)
+        await _more_checks(mgr, 5)
         tg.cancel_scope.cancel()
     assert sup.restarts == 0 and syncer.resyncs == []
 
@@ -417,8 +415,7 @@ async def test_a_recovery_run_while_the_version_is_read_is_not_repeated(tmp_path
         await sup.recover("noticed by a sampler", sup.epoch)  # while the watch's read waits
         assert sup.deployment.version == "id-recovery-1"
         answer.set()  # "default": true when asked, stale now
-        reads = mgr.version_reads
-        await _wait_for(lambda: mgr.version_reads >= reads + 3)
+        await _more_reads(mgr, 3)
         tg.cancel_scope.cancel()
     assert sup.restarts == 1 and syncer.resyncs == ["recovery-1"]
 
