@@ -550,6 +550,7 @@ class FakeVLLM:
         self.fail: dict[str, int] = {}
         self.rpc_delay_s = 0.0
         self.health = [200]
+        self.garbled: set[str] = set()  # paths answering 200 with a body that is not JSON
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -561,6 +562,8 @@ class FakeVLLM:
         self.calls.append(label)
         if path in self.fail:
             return httpx.Response(self.fail[path], text="injected failure")
+        if path in self.garbled:
+            return httpx.Response(200, text="<html>proxy error</html>")
         if path == "/health":
             return httpx.Response(self.health.pop(0) if len(self.health) > 1 else self.health[0])
         if path == "/collective_rpc":
@@ -663,13 +666,15 @@ async def test_failed_pause_still_resumes() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("failure", ["touched", "http500", "disagree"])
+@pytest.mark.parametrize("failure", ["touched", "http500", "disagree", "not-json"])
 async def test_engine_in_unknown_state_is_never_resumed(failure: str) -> None:
     fake = FakeVLLM()
     if failure == "touched":
         fake.rpc = lambda r: [error_reply(RuntimeError("oom"), engine_touched=True)]
     elif failure == "disagree":
         fake.rpc = lambda r: [_ok("a"), _ok("b")]
+    elif failure == "not-json":
+        fake.garbled.add("/collective_rpc")
     else:
         fake.fail["/collective_rpc"] = 500
     manager, deployment = await _attached(fake)

@@ -798,7 +798,7 @@ class DeploymentManager:
             results = await self._rpc(deployment, STATUS_METHOD, [], rpc_timeout_s=30.0)
             identities = {r.get("identity") for r in results if isinstance(r, Mapping)}
             worker = results[0] if len(identities) == 1 and isinstance(results[0], Mapping) else {}
-            version = await self._weight_version(deployment)
+            version = await self.weight_version(deployment, timeout=None)
         return DeploymentStatus(
             ready=ready,
             current_snapshot_identity=worker.get("identity"),
@@ -809,24 +809,17 @@ class DeploymentManager:
             hotloads=int(worker.get("hotloads") or 0),
         )
 
-    async def weight_version(self, deployment: Deployment, timeout: float = 5.0) -> str | None:  # noqa: ASYNC109
+    async def weight_version(
+        self, deployment: Deployment, timeout: float | None = 5.0  # noqa: ASYNC109
+    ) -> str | None:
         """vLLM's weight version (``GET /weight_info``, answered by the engine without a
         worker rpc): the identity of the last snapshot hotloaded here, or vLLM's own value
         (``"default"``) on a server that has not been hotloaded since it (re)started. Raises
-        DeploymentError when the server does not answer within ``timeout``."""
+        DeploymentError when the server does not answer within ``timeout`` (None: the
+        client's control timeout) or answers something else."""
         self._check_open()
         deployment._check_open()
-        return await self._weight_version(deployment, timeout)
-
-    async def _weight_version(
-        self, deployment: Deployment, timeout: float | None = None  # noqa: ASYNC109
-    ) -> str | None:
-        try:
-            info = await self._control(deployment, "GET", "/weight_info", http_timeout_s=timeout)
-        except DeploymentError:
-            raise
-        except (ValueError, RuntimeError) as exc:  # not JSON; a restart closed this client
-            raise DeploymentError(f"{deployment.base_url}/weight_info: {exc!r}") from exc
+        info = await self._control(deployment, "GET", "/weight_info", http_timeout_s=timeout)
         version = info.get("weight_version") if isinstance(info, Mapping) else None
         return None if version is None else str(version)
 
@@ -926,14 +919,22 @@ class DeploymentManager:
                 method, path, params=params, json=json,
                 timeout=http_timeout_s if http_timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: a restart closed the client
             raise DeploymentError(f"{method} {deployment.base_url}{path} failed: {exc!r}") from exc
         if response.status_code >= 400:
             raise DeploymentError(
                 f"{method} {deployment.base_url}{path} answered HTTP {response.status_code}: "
                 f"{response.text[:500]}"
             )
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise DeploymentError(
+                f"{method} {deployment.base_url}{path} answered HTTP {response.status_code} "
+                f"that is not JSON: {response.text[:200]!r}"
+            ) from exc
 
     async def _rpc(
         self, deployment: Deployment, method: str, args: list[str], *, rpc_timeout_s: float
