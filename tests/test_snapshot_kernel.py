@@ -1,6 +1,6 @@
 """The C kernel of the delta codec (``asyncrl/sync/_xorkernel.c``) against the numpy path: the
-same owned bytes, checksums and blobs, byte for byte; its AVX-512 and portable loops agree; a
-malformed chunk is rejected before the target is touched."""
+same owned bytes, checksums and blobs, byte for byte; its vector loops (AVX-512, AVX2) and
+portable ones agree; a malformed chunk is rejected before the target is touched."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ if snap._xorkernel is None:
     pytest.skip("the C kernel is not built here", allow_module_level=True)
 
 kernel = snap._xorkernel
+# the loops to compare: the fastest this CPU runs (0), the portable one (1), and AVX2 (2) where
+# the CPU has it (on an AVX-512 CPU, 0 is the AVX-512 loop)
+LOOPS = (0, *kernel.LOOPS)
 assert kernel is not None
 
 
@@ -106,8 +109,8 @@ def test_nan_and_edge_values_convert_as_torch_does_in_both_loops() -> None:
     want = src.bfloat16().view(torch.int16).numpy().view(np.uint16)
     prev, owned = np.zeros(n, np.uint16), np.empty(n, np.uint16)
     gaps, values = np.empty(n + kernel.SLACK, np.uint32), np.empty(n + kernel.SLACK, np.uint16)
-    for portable in (False, True):
-        changed = kernel.encode_f32_bf16(src.numpy(), prev, owned, gaps, values, n, portable)
+    for loop in LOOPS:
+        changed = kernel.encode_f32_bf16(src.numpy(), prev, owned, gaps, values, n, loop)
         assert changed == np.count_nonzero(want)
         assert np.array_equal(owned, want) and (owned[torch.isnan(src).numpy()] == 0xFFFF).all()
 
@@ -134,11 +137,11 @@ def test_vector_and_portable_loops_agree(density: float, convert: bool) -> None:
     hit = prev != owned_ref
     cap = n // 2
     results = []
-    for portable in (False, True):
+    for loop in LOOPS:
         owned = np.empty(n, np.uint16)
         gaps = np.empty(cap + kernel.SLACK, np.uint32)
         values = np.empty(cap + kernel.SLACK, np.uint16)
-        changed = encode(src, prev, owned, gaps, values, cap, portable)
+        changed = encode(src, prev, owned, gaps, values, cap, loop)
         assert np.array_equal(owned, owned_ref)
         positions = np.flatnonzero(hit)
         if positions.size > cap:
@@ -149,17 +152,18 @@ def test_vector_and_portable_loops_agree(density: float, convert: bool) -> None:
         assert np.array_equal(gaps[:changed], np.diff(positions, prepend=-1) - 1)
         assert np.array_equal(values[:changed], (prev ^ owned_ref)[positions])
         results.append((gaps[:changed].copy(), values[:changed].copy()))
-    first, second = results
-    assert (first is None) == (second is None)
-    if first is not None and second is not None:
-        assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    first = results[0]
+    for other in results[1:]:
+        assert (first is None) == (other is None)
+        if first is not None and other is not None:
+            assert all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 GUARD = 16  # entries past cap + SLACK that no encoder may write
 
 
 def encode_in_place(
-    encode: Any, src: np.ndarray, prev: np.ndarray, cap: int, portable: bool
+    encode: Any, src: np.ndarray, prev: np.ndarray, cap: int, loop: int
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """(changed, gaps, values, the bytes after) of an in-place encoding of a copy of prev;
     the entries past cap + SLACK of gaps and values must be left alone."""
@@ -167,24 +171,24 @@ def encode_in_place(
     gaps = np.full(cap + kernel.SLACK + GUARD, 0xDEADBEEF, np.uint32)
     values = np.full(cap + kernel.SLACK + GUARD, 0xBEEF, np.uint16)
     changed = encode(src, target, target, gaps[: cap + kernel.SLACK],
-                     values[: cap + kernel.SLACK], cap, portable)
+                     values[: cap + kernel.SLACK], cap, loop)
     assert (gaps[-GUARD:] == 0xDEADBEEF).all() and (values[-GUARD:] == 0xBEEF).all()
     return changed, gaps[: max(changed, 0)], values[: max(changed, 0)], target
 
 
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("density", [0.0, 0.04, 0.3, 0.5, 0.51, 1.0])
 @pytest.mark.parametrize("convert", [True, False])
 def test_in_place_encoding_equals_a_copy_and_gives_up_on_dense_chunks_untouched(
-    density: float, convert: bool, portable: bool
+    density: float, convert: bool, loop: int
 ) -> None:
     src, prev, new, encode = encoder_case(density, convert)
     cap = new.size // 2
     owned = np.empty_like(prev)
     gaps = np.empty(cap + kernel.SLACK, np.uint32)
     values = np.empty(cap + kernel.SLACK, np.uint16)
-    want = encode(src, prev, owned, gaps, values, cap, portable)
-    changed, got_gaps, got_values, after = encode_in_place(encode, src, prev, cap, portable)
+    want = encode(src, prev, owned, gaps, values, cap, loop)
+    changed, got_gaps, got_values, after = encode_in_place(encode, src, prev, cap, loop)
     assert changed == want
     if want < 0:  # more than cap changed: prev is left as it was
         assert np.array_equal(after, prev)
@@ -193,10 +197,10 @@ def test_in_place_encoding_equals_a_copy_and_gives_up_on_dense_chunks_untouched(
     assert np.array_equal(got_gaps, gaps[:want]) and np.array_equal(got_values, values[:want])
 
 
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("extra", [0, 1])
 def test_in_place_encoding_that_overflows_in_the_tail_restores_prev(
-    portable: bool, extra: int
+    loop: int, extra: int
 ) -> None:
     """Changes only in the last elements, past every whole vector / group of 64: with one
     more change than ``cap`` the tail loop gives up and restores what it wrote."""
@@ -204,7 +208,7 @@ def test_in_place_encoding_that_overflows_in_the_tail_restores_prev(
     src, _, new, encode = encoder_case(0.0, True, n)
     prev = new.copy()
     prev[n - cap - extra:] ^= 1
-    changed, _, _, after = encode_in_place(encode, src, prev, cap, portable)
+    changed, _, _, after = encode_in_place(encode, src, prev, cap, loop)
     if extra:
         assert changed == -1 and np.array_equal(after, prev)
     else:
@@ -341,9 +345,9 @@ def codes_payload(gaps: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.frombuffer(content, np.uint8)[snap._CODES_HEADER.size:]
 
 
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("largest", [0, 14, 15, 255, 256, 65_535, 65_536, 2**32 - 1])
-def test_sparse_codes_equal_the_numpy_path(largest: int, portable: bool) -> None:
+def test_sparse_codes_equal_the_numpy_path(largest: int, loop: int) -> None:
     rng = np.random.default_rng(largest)
     gaps = rng.integers(0, 20, 2_001, dtype=np.uint32)
     gaps[::7] = rng.integers(0, largest + 1, gaps[::7].size, dtype=np.uint64).astype(np.uint32)
@@ -353,7 +357,7 @@ def test_sparse_codes_equal_the_numpy_path(largest: int, portable: bool) -> None
     values[3], values[5] = 15, 16
     count = gaps.size - 1  # all but the last
     out = np.full(7 * gaps.size + 9, 0xAB, np.uint8)
-    longs, bigs, width = kernel.sparse_codes16(gaps.copy(), values.copy(), count, out, portable)
+    longs, bigs, width = kernel.sparse_codes16(gaps.copy(), values.copy(), count, out, loop)
     assert (longs, bigs) == (np.count_nonzero(gaps[:count] >= 15),
                              np.count_nonzero(values[:count] >= 16))
     want = codes_payload(snap._narrow_gaps(gaps[:count]), values[:count])
@@ -371,8 +375,9 @@ def test_sparse_codes_equal_the_numpy_path(largest: int, portable: bool) -> None
 
 @pytest.mark.parametrize("mix", ["random", "all long and big", "none long or big"])
 def test_sparse_codes_vector_and_scalar_loops_agree_at_every_tail(mix: str) -> None:
-    """The AVX-512 loop takes whole vectors of 16 and leaves the tail to the scalar one: every
-    count from 0 to 49 gives the same payload, the same counts and the numpy path's bytes."""
+    """The vector loops take whole vectors (16 for AVX-512, 8 for AVX2) and leave the tail to
+    the scalar one: every count from 0 to 49 gives the same payload, the same counts and the
+    numpy path's bytes."""
     rng = np.random.default_rng(len(mix))
     gaps = rng.integers(0, 30, 49, dtype=np.uint32)
     values = rng.integers(1, 32, 49, dtype=np.uint16)
@@ -382,12 +387,12 @@ def test_sparse_codes_vector_and_scalar_loops_agree_at_every_tail(mix: str) -> N
         gaps, values = gaps % 15, values % 15 + 1
     for count in range(50):
         results = []
-        for portable in (False, True):
+        for loop in LOOPS:
             out = np.full(7 * 49 + 64, 0xAB, np.uint8)
             longs, bigs, width = kernel.sparse_codes16(gaps.copy(), values.copy(), count, out,
-                                                       portable)
+                                                       loop)
             results.append((longs, bigs, width, out.tobytes()))
-        assert results[0] == results[1], count
+        assert all(r == results[0] for r in results), count
         longs, bigs, width, out_bytes = results[0]
         end = count + longs * width + 2 * bigs
         want = codes_payload(snap._narrow_gaps(gaps[:count]), values[:count]) if count else []
@@ -524,3 +529,37 @@ def test_xor_codes16_out_of_memory_raises_before_writing() -> None:
     done = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY], capture_output=True,
                           text=True, timeout=120, check=True)
     assert done.stdout.split() == ["MemoryError", "0", "applied", str(1 << 22)]
+
+
+def test_the_loops_offered_match_the_cpu_and_others_are_refused() -> None:
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    if " avx2" in flags and " popcnt" in flags:  # a CPU with AVX2 runs the AVX2 loops
+        assert 2 in kernel.LOOPS and kernel.SIMD in ("avx2", "avx512")
+    src, prev, _, encode = encoder_case(0.04, True, 100)
+    scratch = np.empty(100 + kernel.SLACK, np.uint32), np.empty(100 + kernel.SLACK, np.uint16)
+    for bad in (3, -1, *(() if 2 in kernel.LOOPS else (2,))):
+        with pytest.raises(ValueError, match="loop"):
+            encode(src, prev, np.empty_like(prev), *scratch, 50, bad)
+        with pytest.raises(ValueError, match="loop"):
+            kernel.sparse_codes16(*scratch, 10, np.empty(70, np.uint8), bad)
+
+
+@pytest.mark.parametrize("mix", ["random", "all long and big", "none long or big"])
+def test_code_sums_agree_across_loops_at_every_tail(mix: str) -> None:
+    """What xor_codes16 checks a payload by (short gaps summed, long-gap and big-value codes
+    counted), from the vector loops (32 or 64 codes per step) and the scalar one."""
+    rng = np.random.default_rng(len(mix))
+    codes = rng.integers(0, 256, 200, dtype=np.uint8)
+    if mix == "all long and big":
+        codes = np.full_like(codes, 0xF0)
+    elif mix == "none long or big":
+        codes = (codes % 0xE0) | 1
+    for count in range(0, 200, 7):
+        part = codes[:count]
+        gaps = part >> 4
+        want = (int(gaps[gaps != 15].sum()), int(np.count_nonzero(gaps == 15)),
+                int(np.count_nonzero(part & 15 == 0)))
+        assert all(kernel.codes_sums16(part, loop) == want for loop in LOOPS), count

@@ -7,8 +7,8 @@
  * the numpy path produces (tests/test_snapshot_kernel.py compares them), so a machine without
  * a C compiler reads and writes the same snapshots, only slower.
  *
- *   encode_f32_bf16(src, prev, owned, gaps, values, cap, portable=False) -> changed, or -1
- *   encode_copy16(src, prev, owned, gaps, values, cap, portable=False)   -> changed, or -1
+ *   encode_f32_bf16(src, prev, owned, gaps, values, cap, loop=0) -> changed, or -1
+ *   encode_copy16(src, prev, owned, gaps, values, cap, loop=0)   -> changed, or -1
  *       owned[i] = bf16(src[i]) (or src[i]); d = prev[i] ^ owned[i]; for each d != 0, in order:
  *       gaps[k] = unchanged elements since the last changed one, values[k] = d. More than ``cap``
  *       changed: -1 (owned is still written whole; gaps/values then hold garbage). gaps and
@@ -19,8 +19,9 @@
  *       change after a small step, so most cache lines are only read), and more than ``cap``
  *       changed answers -1 with prev restored as it was. Any other overlap of owned with prev
  *       or src is a ValueError.
- *       ``portable`` forces the portable loop where the AVX-512 one would run (``SIMD`` names
- *       the default).
+ *       ``loop``: 0 the fastest this CPU runs (``SIMD`` names it: avx512, avx2 or portable),
+ *       1 the portable loop, 2 the AVX2 one (``LOOPS`` lists those this CPU runs besides 0;
+ *       another is a ValueError). Every loop writes the same bytes (tests compare them).
  *   sparse_planes16(gaps, values, count, out) -> width
  *       what a sparse frame stores of the first ``count`` gaps (uint32) and values (uint16):
  *       the gaps' byte planes, narrowed to the ``width`` (1, 2 or 4 bytes) of the largest, then
@@ -32,16 +33,18 @@
  *       which then stays in cache for the scatter). ValueError (target untouched) when a
  *       position falls past the end of target.
  *
- *   sparse_codes16(gaps, values, count, out, portable=False) -> (long_gaps, big_values, width)
+ *   sparse_codes16(gaps, values, count, out, loop=0) -> (long_gaps, big_values, width)
  *       the payload of a dense-ish sparse frame: one code byte per changed element, its gap in
  *       the high nibble (15: the gap is among the ``long_gaps`` that follow) and its value in
  *       the low one (0: the value is among the ``big_values``), then the byte planes of the
  *       long gaps (narrowed to ``width`` bytes) and the two byte planes of the big values;
  *       written to ``out`` (at least 7 * count bytes). gaps and values are scratch: the long
- *       gaps and big values are gathered to their fronts. ``portable`` as for the encoders.
+ *       gaps and big values are gathered to their fronts. ``loop`` as for the encoders.
  *   xor_codes16(target, payload, count, long_gaps, big_values, width, source=None) -> None
  *       the inverse, like xor_scatter16. ValueError (target untouched) when a position falls
  *       past the end or the codes do not use exactly the long gaps and big values given.
+ *   codes_sums16(codes, loop=0) -> (short gaps summed, long-gap codes, big-value codes)
+ *       what xor_codes16 checks the codes by before it writes (exposed for the tests).
  *
  * Buffers are anything with the buffer protocol (numpy arrays); the GIL is released while a
  * loop runs, so the encoder's threads (one per core) run in parallel.
@@ -266,25 +269,162 @@ static int avx512_usable(void)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt");
 }
+
+/* AVX2 (no compress instruction): 16 elements per step; the changed ones are left-packed by a
+ * table lookup and a byte shuffle, 8 at a time, with no data-dependent branch. For CPUs without
+ * AVX-512 (Zen 2/3 hosts, many GPU servers among them). 0.5B shape in place, one thread, Zen 3:
+ * 0.41 -> 0.34 s per GB of bf16 at lr 1e-6 (4% changed; mostly memory-bound) and 0.50 -> 0.37 s
+ * at lr 1e-5 (25% changed). The first version branched on "any change in this vector?" to skip
+ * writing unchanged ones, like the AVX-512 loop: 60% slower than the portable loop at 4% changed,
+ * where that branch is a coin flip. */
+#define AVX2_TARGET __attribute__((target("avx2,popcnt")))
+
+/* 8 fp32 -> 8 bf16 (round to nearest even, NaN -> 0xFFFF) in the low halves of 32-bit lanes. */
+AVX2_TARGET static inline __m256i bf16x8_avx2(const uint32_t *src)
+{
+    const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    const __m256i nan_bits = _mm256_set1_epi32(0xFFFF);
+    __m256i x = _mm256_loadu_si256((const __m256i *)src);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), one);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, bias), lsb), 16);
+    __m256 f = _mm256_castsi256_ps(x);
+    return _mm256_blendv_epi8(r, nan_bits, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+
+/* Source elements [i, i + 16) in the snapshot's dtype, in order. */
+AVX2_TARGET static inline __m256i converted16_avx2(const void *src, int f32, Py_ssize_t i)
+{
+    if (!f32) {
+        return _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
+    }
+    __m256i a = bf16x8_avx2((const uint32_t *)src + i);
+    __m256i b = bf16x8_avx2((const uint32_t *)src + i + 8);
+    /* the pack works within 128-bit halves (a0-3 b0-3 a4-7 b4-7); the permute orders them */
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+}
+
+/* Left-packing without a compress instruction: for an 8-bit mask m of changed lanes, the
+ * indices of its set bits in order (pack_lanes) and the byte shuffle that gathers those 16-bit
+ * lanes to the front (pack_words, 0x80: zero). Filled at import. */
+static uint8_t pack_lanes[256][8];
+static uint8_t pack_words[256][16];
+
+static void fill_pack_tables(void)
+{
+    for (int m = 0; m < 256; m++) {
+        int k = 0;
+        memset(pack_words[m], 0x80, sizeof(pack_words[m]));
+        for (int j = 0; j < 8; j++) {
+            if (m >> j & 1) {
+                pack_lanes[m][k] = (uint8_t)j;
+                pack_words[m][2 * k] = (uint8_t)(2 * j);
+                pack_words[m][2 * k + 1] = (uint8_t)(2 * j + 1);
+                k++;
+            }
+        }
+    }
+}
+
+/* Store the positions (first + lane) and diffs of the changed lanes of 8 elements at
+ * pos / values + count (whole vectors: up to 8 entries past the new count); the new count. */
+AVX2_TARGET static inline Py_ssize_t pack8_avx2(__m128i d, uint32_t m, uint32_t first,
+                                                uint32_t *pos, uint16_t *values,
+                                                Py_ssize_t count)
+{
+    __m128i lanes = _mm_loadl_epi64((const __m128i *)pack_lanes[m]);
+    __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int)first), _mm256_cvtepu8_epi32(lanes));
+    _mm256_storeu_si256((__m256i *)(pos + count), at);
+    __m128i picks = _mm_loadu_si128((const __m128i *)pack_words[m]);
+    _mm_storeu_si128((__m128i *)(values + count), _mm_shuffle_epi8(d, picks));
+    return count + __builtin_popcount(m);
+}
+
+AVX2_TARGET static Py_ssize_t encode_avx2(const void *src, int f32, const uint16_t *prev,
+                                          uint16_t *owned, Py_ssize_t n, uint32_t *pos,
+                                          uint16_t *values, Py_ssize_t cap)
+{
+    Py_ssize_t count = 0, i = 0;
+    const int in_place = owned == prev;
+    for (; i + 16 <= n; i += 16) {
+        __m256i o = converted16_avx2(src, f32, i);
+        __m256i d = _mm256_xor_si256(o, _mm256_loadu_si256((const __m256i *)(prev + i)));
+        __m256i same = _mm256_cmpeq_epi16(d, _mm256_setzero_si256());
+        __m128i same8 = _mm_packs_epi16(_mm256_castsi256_si128(same),
+                                        _mm256_extracti128_si256(same, 1));
+        uint32_t m = ~(uint32_t)_mm_movemask_epi8(same8) & 0xFFFFu;
+        /* written whole, also in place: a branch on "changed?" is a coin flip at a few % of
+         * the elements changed (about half the vectors), and mispredicting it cost more
+         * (+60%, Zen 3) than writing the unchanged vectors back */
+        _mm256_storeu_si256((__m256i *)(owned + i), o);
+        if (count > cap) {
+            continue; /* dense: only convert the rest */
+        }
+        count = pack8_avx2(_mm256_castsi256_si128(d), m & 0xFF, (uint32_t)i, pos, values, count);
+        count = pack8_avx2(_mm256_extracti128_si256(d, 1), m >> 8, (uint32_t)i + 8, pos, values,
+                           count);
+        if (in_place && count > cap) {
+            return undo(owned, pos, values, count);
+        }
+    }
+    for (; i < n; i++) { /* the tail */
+        uint16_t o = converted(src, f32, i);
+        uint16_t d = (uint16_t)(o ^ prev[i]);
+        owned[i] = o;
+        if (d && count <= cap) {
+            pos[count] = (uint32_t)i;
+            values[count++] = d;
+        }
+        if (in_place && count > cap) {
+            return undo(owned, pos, values, count);
+        }
+    }
+    return count > cap ? -1 : count;
+}
+
+static int avx2_usable(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+}
 #else
 #define HAVE_AVX512_PATH 0
 static int avx512_usable(void) { return 0; }
+static int avx2_usable(void) { return 0; }
 #endif
 
-static int use_avx512; /* set once at import */
+/* The loops a caller may ask for (``loop`` argument): the fastest this CPU runs, the portable
+ * one, or the AVX2 one (tests run each where the CPU has it). */
+#define LOOP_BEST 0
+#define LOOP_PORTABLE 1
+#define LOOP_AVX2 2
+
+static int use_avx512, use_avx2; /* set once at import */
+
+/* Whether ``loop`` is one of the above that this CPU can run; a ValueError if not. */
+static int loop_ok(int loop)
+{
+    if (loop == LOOP_BEST || loop == LOOP_PORTABLE || (loop == LOOP_AVX2 && use_avx2)) {
+        return 1;
+    }
+    PyErr_Format(PyExc_ValueError, "loop %d: 0 (the fastest here), 1 (portable)%s", loop,
+                 use_avx2 ? " or 2 (AVX2)" : "; this CPU has no AVX2");
+    return 0;
+}
 
 static Py_ssize_t encode16(const void *src, int f32, const uint16_t *prev, uint16_t *owned,
                            Py_ssize_t n, uint32_t *gaps, uint16_t *values, Py_ssize_t cap,
-                           int portable)
+                           int loop)
 {
     Py_ssize_t count;
 #if HAVE_AVX512_PATH
-    if (use_avx512 && !portable) {
+    if (use_avx512 && loop == LOOP_BEST) {
         count = encode_avx512(src, f32, prev, owned, n, gaps, values, cap);
+    } else if (use_avx2 && loop != LOOP_PORTABLE) {
+        count = encode_avx2(src, f32, prev, owned, n, gaps, values, cap);
     } else
 #endif
     {
-        (void)portable;
+        (void)loop;
         count = encode_portable(src, f32, prev, owned, n, gaps, values, cap);
     }
     if (count > 0) {
@@ -324,9 +464,9 @@ static PyObject *encode_common(PyObject *args, int f32)
 {
     Py_buffer src, prev, owned, gaps, values;
     Py_ssize_t cap, changed = 0;
-    int portable = 0;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*w*n|p", &src, &prev, &owned, &gaps, &values, &cap,
-                          &portable)) {
+    int loop = LOOP_BEST;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*w*n|i", &src, &prev, &owned, &gaps, &values, &cap,
+                          &loop)) {
         return NULL;
     }
     Py_ssize_t n = prev.len / 2;
@@ -335,7 +475,7 @@ static PyObject *encode_common(PyObject *args, int f32)
              (uint64_t)n <= UINT32_MAX &&
              check_size(&src, n, f32 ? 4 : 2, "src") &&
              check_size(&owned, n, 2, "owned") && check_size(&gaps, cap + SLACK, 4, "gaps") &&
-             check_size(&values, cap + SLACK, 2, "values");
+             check_size(&values, cap + SLACK, 2, "values") && loop_ok(loop);
     if (ok && ((owned.buf != prev.buf && overlap(&owned, &prev)) || overlap(&owned, &src))) {
         PyErr_SetString(PyExc_ValueError, "owned must be prev itself (in place) or share no "
                                           "byte with prev and src");
@@ -344,7 +484,7 @@ static PyObject *encode_common(PyObject *args, int f32)
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         changed = encode16(src.buf, f32, prev.buf, owned.buf, n, gaps.buf, values.buf, cap,
-                           portable);
+                           loop);
         Py_END_ALLOW_THREADS
     } else if (!PyErr_Occurred()) {
         PyErr_SetString(PyExc_ValueError,
@@ -583,6 +723,56 @@ codes_avx512(uint32_t *g, uint16_t *v, uint8_t *o, Py_ssize_t count, Py_ssize_t 
     *bigs = nb;
     return k;
 }
+
+/* The same over vectors of 8 elements with AVX2: the long gaps and big values are left-packed
+ * with the encoder's tables (8 lanes of 32 bits, stored whole at slot longs / bigs <= k). ~4x
+ * the scalar loop (2.0 -> 0.5 ms per 500k codes, Zen 3). */
+AVX2_TARGET static Py_ssize_t codes_avx2(uint32_t *g, uint16_t *v, uint8_t *o, Py_ssize_t count,
+                                         Py_ssize_t *longs, Py_ssize_t *bigs, uint32_t *largest)
+{
+    const __m256i code_long = _mm256_set1_epi32(CODE_LONG), fifteen = _mm256_set1_epi32(15);
+    /* byte 0 of each 32-bit lane to the front of its 128-bit half, then both halves together */
+    const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                               -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1,
+                                               -1, -1, -1, -1, -1, -1);
+    const __m256i halves = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
+    /* the low 16 bits of each 32-bit lane, in order, in the low 128 bits */
+    const __m256i low_words = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1,
+                                               -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1,
+                                               -1, -1, -1, -1);
+    const __m256i quads = _mm256_setr_epi32(0, 1, 4, 5, 2, 2, 2, 2);
+    __m256i top = _mm256_setzero_si256();
+    Py_ssize_t nl = *longs, nb = *bigs, k = 0;
+    for (; k + 8 <= count; k += 8) {
+        __m256i gap = _mm256_loadu_si256((const __m256i *)(g + k));
+        __m256i value = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + k)));
+        __m256i is_long = _mm256_cmpeq_epi32(_mm256_max_epu32(gap, code_long), gap);
+        __m256i is_big = _mm256_cmpgt_epi32(value, fifteen);
+        __m256i code = _mm256_or_si256(_mm256_slli_epi32(_mm256_min_epu32(gap, code_long), 4),
+                                       _mm256_andnot_si256(is_big, value));
+        __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(code, low_bytes), halves);
+        _mm_storel_epi64((__m128i *)(o + k), _mm256_castsi256_si128(packed));
+        top = _mm256_max_epu32(top, _mm256_and_si256(gap, is_long));
+        uint32_t ml = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(is_long));
+        uint32_t mb = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(is_big));
+        __m256i pick = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)pack_lanes[ml]));
+        _mm256_storeu_si256((__m256i *)(g + nl), _mm256_permutevar8x32_epi32(gap, pick));
+        nl += __builtin_popcount(ml);
+        pick = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)pack_lanes[mb]));
+        __m256i bigs8 = _mm256_permutevar8x32_epi32(value, pick);
+        bigs8 = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(bigs8, low_words), quads);
+        _mm_storeu_si128((__m128i *)(v + nb), _mm256_castsi256_si128(bigs8));
+        nb += __builtin_popcount(mb);
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, top);
+    for (int j = 0; j < 8; j++) {
+        *largest = lanes[j] > *largest ? lanes[j] : *largest;
+    }
+    *longs = nl;
+    *bigs = nb;
+    return k;
+}
 #endif
 
 static PyObject *sparse_codes16(PyObject *self, PyObject *args)
@@ -590,12 +780,18 @@ static PyObject *sparse_codes16(PyObject *self, PyObject *args)
     (void)self;
     Py_buffer gaps, values, out;
     Py_ssize_t count, longs = 0, bigs = 0;
-    int portable = 0;
-    if (!PyArg_ParseTuple(args, "w*w*nw*|p", &gaps, &values, &count, &out, &portable)) {
+    int loop = LOOP_BEST;
+    if (!PyArg_ParseTuple(args, "w*w*nw*|i", &gaps, &values, &count, &out, &loop)) {
         return NULL;
     }
     int ok = holds(&gaps, count, 4) && holds(&values, count, 2) && holds(&out, count, 7),
         width = 1;
+    if (!loop_ok(loop)) {
+        PyBuffer_Release(&gaps);
+        PyBuffer_Release(&values);
+        PyBuffer_Release(&out);
+        return NULL;
+    }
     if (ok) {
         uint32_t *g = gaps.buf;
         uint16_t *v = values.buf;
@@ -604,11 +800,13 @@ static PyObject *sparse_codes16(PyObject *self, PyObject *args)
         uint32_t largest = 0;
         Py_ssize_t k = 0;
 #if HAVE_AVX512_PATH
-        if (use_avx512 && !portable) {
+        if (use_avx512 && loop == LOOP_BEST) {
             k = codes_avx512(g, v, o, count, &longs, &bigs, &largest);
+        } else if (use_avx2 && loop != LOOP_PORTABLE) {
+            k = codes_avx2(g, v, o, count, &longs, &bigs, &largest);
         }
 #endif
-        (void)portable;
+        (void)loop;
         /* no branches: the long gaps and big values are gathered to the fronts of the input
          * arrays (slot longs / bigs <= k was read already) */
         for (; k < count; k++) {
@@ -653,7 +851,53 @@ codes_sums_avx512(const uint8_t *c, Py_ssize_t count, uint64_t *short_gaps,
     *short_gaps += (uint64_t)_mm512_reduce_add_epi64(sums);
     return k;
 }
+
+/* The same with AVX2, 32 codes per step: ~30x the scalar loop (Zen 3). */
+AVX2_TARGET static Py_ssize_t codes_sums_avx2(const uint8_t *c, Py_ssize_t count,
+                                              uint64_t *short_gaps, Py_ssize_t *long_codes,
+                                              Py_ssize_t *big_codes)
+{
+    const __m256i nibble = _mm256_set1_epi8(CODE_LONG), zero = _mm256_setzero_si256();
+    __m256i sums = zero;
+    Py_ssize_t k = 0;
+    for (; k + 32 <= count; k += 32) {
+        __m256i code = _mm256_loadu_si256((const __m256i *)(c + k));
+        __m256i gap = _mm256_and_si256(_mm256_srli_epi16(code, 4), nibble);
+        __m256i is_long = _mm256_cmpeq_epi8(gap, nibble);
+        __m256i is_big = _mm256_cmpeq_epi8(_mm256_and_si256(code, nibble), zero);
+        *long_codes += __builtin_popcount((uint32_t)_mm256_movemask_epi8(is_long));
+        *big_codes += __builtin_popcount((uint32_t)_mm256_movemask_epi8(is_big));
+        sums = _mm256_add_epi64(sums, _mm256_sad_epu8(_mm256_andnot_si256(is_long, gap), zero));
+    }
+    uint64_t lanes[4];
+    _mm256_storeu_si256((__m256i *)lanes, sums);
+    *short_gaps += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    return k;
+}
 #endif
+
+/* codes_end's sums of ``count`` codes: the short gaps, the long-gap codes, the big-value codes. */
+static void code_sums(const uint8_t *c, Py_ssize_t count, int loop, uint64_t *short_gaps,
+                      Py_ssize_t *long_codes, Py_ssize_t *big_codes)
+{
+    Py_ssize_t k = 0;
+    *short_gaps = 0;
+    *long_codes = *big_codes = 0;
+#if HAVE_AVX512_PATH
+    if (use_avx512 && loop == LOOP_BEST) {
+        k = codes_sums_avx512(c, count, short_gaps, long_codes, big_codes);
+    } else if (use_avx2 && loop != LOOP_PORTABLE) {
+        k = codes_sums_avx2(c, count, short_gaps, long_codes, big_codes);
+    }
+#endif
+    (void)loop;
+    for (; k < count; k++) {
+        uint32_t gap = c[k] >> 4;
+        *short_gaps += gap == CODE_LONG ? 0 : gap;
+        *long_codes += gap == CODE_LONG;
+        *big_codes += (c[k] & 15) == 0;
+    }
+}
 
 /* The last position the codes reach (>= n when past the end), or END_UNUSED when they do not
  * use exactly ``longs`` long gaps and ``bigs`` big values. Sums without an early exit (they cannot
@@ -661,19 +905,9 @@ codes_sums_avx512(const uint8_t *c, Py_ssize_t count, uint64_t *short_gaps,
 static Py_ssize_t codes_end(const uint8_t *c, Py_ssize_t count, const uint8_t *lg, int width,
                             Py_ssize_t longs, Py_ssize_t bigs)
 {
-    uint64_t short_gaps = 0, long_gaps = 0;
-    Py_ssize_t long_codes = 0, big_codes = 0, k = 0;
-#if HAVE_AVX512_PATH
-    if (use_avx512) {
-        k = codes_sums_avx512(c, count, &short_gaps, &long_codes, &big_codes);
-    }
-#endif
-    for (; k < count; k++) {
-        uint32_t gap = c[k] >> 4;
-        short_gaps += gap == CODE_LONG ? 0 : gap;
-        long_codes += gap == CODE_LONG;
-        big_codes += (c[k] & 15) == 0;
-    }
+    uint64_t short_gaps, long_gaps = 0;
+    Py_ssize_t long_codes, big_codes;
+    code_sums(c, count, LOOP_BEST, &short_gaps, &long_codes, &big_codes);
     if (long_codes != longs || big_codes != bigs) {
         return END_UNUSED;
     }
@@ -752,6 +986,27 @@ static PyObject *xor_codes16(PyObject *self, PyObject *args)
                          end, n);
 }
 
+static PyObject *codes_sums16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer codes;
+    int loop = LOOP_BEST;
+    if (!PyArg_ParseTuple(args, "y*|i", &codes, &loop)) {
+        return NULL;
+    }
+    if (!loop_ok(loop)) {
+        PyBuffer_Release(&codes);
+        return NULL;
+    }
+    uint64_t short_gaps;
+    Py_ssize_t long_codes, big_codes;
+    Py_BEGIN_ALLOW_THREADS
+    code_sums(codes.buf, codes.len, loop, &short_gaps, &long_codes, &big_codes);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&codes);
+    return Py_BuildValue("Knn", (unsigned long long)short_gaps, long_codes, big_codes);
+}
+
 static PyMethodDef methods[] = {
     {"encode_f32_bf16", encode_f32_bf16, METH_VARARGS,
      "encode_f32_bf16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
@@ -766,6 +1021,9 @@ static PyMethodDef methods[] = {
      "xor_codes16(target, payload, count, long_gaps, big_values, width, source=None)"},
     {"xor_scatter16", xor_scatter16, METH_VARARGS,
      "xor_scatter16(target, planes, count, width, source=None): target[positions] ^= values"},
+    {"codes_sums16", codes_sums16, METH_VARARGS,
+     "codes_sums16(codes, loop=0) -> (sum of the short gaps, long-gap codes, big-value codes): "
+     "what xor_codes16 checks a payload's codes by"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -777,12 +1035,22 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__xorkernel(void)
 {
     use_avx512 = avx512_usable();
+    use_avx2 = avx2_usable();
+#if HAVE_AVX512_PATH
+    fill_pack_tables();
+#endif
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) {
         return NULL;
     }
+    /* the ``loop`` values this CPU runs besides the fastest (0) */
+    PyObject *loops = use_avx2 ? Py_BuildValue("(ii)", LOOP_PORTABLE, LOOP_AVX2)
+                               : Py_BuildValue("(i)", LOOP_PORTABLE);
     if (PyModule_AddIntConstant(m, "SLACK", SLACK) < 0 ||
-        PyModule_AddStringConstant(m, "SIMD", use_avx512 ? "avx512" : "portable") < 0) {
+        PyModule_AddStringConstant(m, "SIMD",
+                                   use_avx512 ? "avx512" : use_avx2 ? "avx2" : "portable") < 0 ||
+        PyModule_AddObject(m, "LOOPS", loops) < 0) {
+        Py_XDECREF(loops);
         Py_DECREF(m);
         return NULL;
     }
