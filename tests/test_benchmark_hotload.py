@@ -125,7 +125,8 @@ def _run(preset: str, lrs: list[float]) -> Any:
                 _sample("delta", lr, step, e2e * lr / 1e-6, nbytes=40 * step, naive=100 * step)
             )
             samples.append(_sample("base", lr, step, 3.0 + step, nbytes=1000))
-    bare = [{"reload_s": r, "verify_s": 0.1} for r in (0.5, 0.8, 0.9)]
+    bare = [{"reload_s": r, "verify_s": 0.1, "idle_probe_s": p}
+            for r, p in ((0.5, 0.7), (0.8, 0.2), (0.9, 0.4))]
     cold = [
         {"start_to_ready_s": 100.0, "baseline": False},  # our own first start: not used
         {"start_to_ready_s": 20.0, "baseline": True},
@@ -161,6 +162,9 @@ def test_target_rows_are_the_issue_s_ratios() -> None:
     assert vs_bare["value"] == pytest.approx(1.5)
     assert vs_bare["value_without_probe"] == pytest.approx(1.1 / 0.8)
     assert vs_bare["pass"] is True
+    # the floor: the bare reloads' p50 0.8 s plus the idle probes' p50 0.4 s, over 0.8 s
+    assert vs_bare["floor"] == pytest.approx((0.8 + 0.4) / 0.8)
+    assert rows[(t["delta_vs_cold"], "lr 1e-06, p50")]["floor"] is None
     assert rows[(t["delta_vs_cold"], "lr 1e-06, p50")]["value"] == pytest.approx(1.2 / 25.0)
     # at lr 1e-5 the synthetic deltas take ten times longer: every latency target fails
     for key in ("delta_vs_base", "delta_vs_bare", "delta_vs_cold"):
@@ -191,3 +195,11 @@ def test_exit_status_follows_the_targets() -> None:
     run = _run("qwen2-0.5b-shape", [1e-6, 1e-5])
     rows = hl.targets(run, hl.summarize(run, [1e-6, 1e-5]), [1e-6, 1e-5])
     assert hl.verdict([{"targets": rows}]) == 1
+
+
+def test_a_run_without_idle_probes_has_no_floor() -> None:
+    run = _run("tiny", [1e-6])
+    for b in run.bare:
+        del b["idle_probe_s"]
+    rows = hl.targets(run, hl.summarize(run, [1e-6]), [1e-6])
+    assert all(row["floor"] is None for row in rows)

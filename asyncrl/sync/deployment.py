@@ -978,9 +978,10 @@ class DeploymentManager:
                 f"{deployment.base_url} answered no prompt_logprobs: {str(reply)[:300]}"
             ) from exc
 
-    async def _probe(self, deployment: Deployment) -> list[float]:
-        """A 1-token completion with ``logprobs=0`` (the prompt's forward runs every layer);
-        the value must be finite."""
+    async def probe(self, deployment: Deployment) -> list[float]:
+        """The health probe every hotload ends with: a 1-token completion with ``logprobs=0``
+        (the prompt's forward runs every layer); its logprob, which must be finite
+        (``DeploymentError`` otherwise)."""
         prompt = deployment.config.probe_prompt if deployment.config else "Hello"
         body = {
             "model": await self._model_name(deployment), "prompt": prompt, "max_tokens": 1,
@@ -990,7 +991,7 @@ class DeploymentManager:
         return check_probe(reply)
 
     async def _warmup(self, deployment: Deployment, attempts: int = 4) -> list[float]:
-        """``_probe`` with bounded retries (a just-started or just-resumed server may answer
+        """``probe`` with bounded retries (a just-started or just-resumed server may answer
         503 or drop a connection); the last failure is raised."""
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(attempts),
@@ -1000,7 +1001,7 @@ class DeploymentManager:
         ):
             with attempt:
                 await self._raise_if_exited(deployment)
-                return await self._probe(deployment)
+                return await self.probe(deployment)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- hotload -------------------------------------------------------------------------------
