@@ -201,6 +201,27 @@ static Py_ssize_t encode_portable(const void *src, int f32, const uint16_t *prev
 #include <immintrin.h>
 #define HAVE_AVX512_PATH 1
 
+/* The vector encoders' tail, elements [i, n) one at a time, after ``count`` changed so far. */
+static Py_ssize_t encode_tail(const void *src, int f32, const uint16_t *prev, uint16_t *owned,
+                              Py_ssize_t i, Py_ssize_t n, uint32_t *pos, uint16_t *values,
+                              Py_ssize_t count, Py_ssize_t cap)
+{
+    const int in_place = owned == prev;
+    for (; i < n; i++) {
+        uint16_t o = converted(src, f32, i);
+        uint16_t d = (uint16_t)(o ^ prev[i]);
+        owned[i] = o;
+        if (d && count <= cap) {
+            pos[count] = (uint32_t)i;
+            values[count++] = d;
+        }
+        if (in_place && count > cap) {
+            return undo(owned, pos, values, count);
+        }
+    }
+    return count > cap ? -1 : count;
+}
+
 /* AVX-512 (F, BW, VBMI2): 32 elements per step, the changed ones stored with vpcompress, no
  * data-dependent branch. ~3.5x the portable loop (0.55 vs 1.8 ms per 4 MiB chunk, Zen 4). */
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) static Py_ssize_t
@@ -248,19 +269,7 @@ encode_avx512(const void *src, int f32, const uint16_t *prev, uint16_t *owned, P
             return undo(owned, pos, values, count);
         }
     }
-    for (; i < n; i++) { /* the tail */
-        uint16_t o = converted(src, f32, i);
-        uint16_t d = (uint16_t)(o ^ prev[i]);
-        owned[i] = o;
-        if (d && count <= cap) {
-            pos[count] = (uint32_t)i;
-            values[count++] = d;
-        }
-        if (in_place && count > cap) {
-            return undo(owned, pos, values, count);
-        }
-    }
-    return count > cap ? -1 : count;
+    return encode_tail(src, f32, prev, owned, i, n, pos, values, count, cap);
 }
 
 static int avx512_usable(void)
@@ -366,19 +375,7 @@ AVX2_TARGET static Py_ssize_t encode_avx2(const void *src, int f32, const uint16
             return undo(owned, pos, values, count);
         }
     }
-    for (; i < n; i++) { /* the tail */
-        uint16_t o = converted(src, f32, i);
-        uint16_t d = (uint16_t)(o ^ prev[i]);
-        owned[i] = o;
-        if (d && count <= cap) {
-            pos[count] = (uint32_t)i;
-            values[count++] = d;
-        }
-        if (in_place && count > cap) {
-            return undo(owned, pos, values, count);
-        }
-    }
-    return count > cap ? -1 : count;
+    return encode_tail(src, f32, prev, owned, i, n, pos, values, count, cap);
 }
 
 static int avx2_usable(void)
