@@ -202,8 +202,9 @@ def test_in_place_encoding_equals_a_copy_and_gives_up_on_dense_chunks_untouched(
 def test_in_place_encoding_that_overflows_in_the_tail_restores_prev(
     loop: int, extra: int
 ) -> None:
-    """Changes only in the last elements, past every whole vector / group of 64: with one
-    more change than ``cap`` the tail loop gives up and restores what it wrote."""
+    """Changes only in the last elements (the last 16-element vector and the scalar tail
+    after it): with one more change than ``cap`` the loop gives up there and restores what it
+    wrote."""
     n, cap = 10_000 + 37, 10
     src, _, new, encode = encoder_case(0.0, True, n)
     prev = new.copy()
@@ -382,7 +383,7 @@ def test_sparse_codes_vector_and_scalar_loops_agree_at_every_tail(mix: str) -> N
     gaps = rng.integers(0, 30, 49, dtype=np.uint32)
     values = rng.integers(1, 32, 49, dtype=np.uint16)
     if mix == "all long and big":
-        gaps, values = gaps + 15, values + 16
+        gaps, values = gaps + 15, values + 0x7FF0  # big values past 0x8000 among them
     elif mix == "none long or big":
         gaps, values = gaps % 15, values % 15 + 1
     for count in range(50):
@@ -545,6 +546,8 @@ def test_the_loops_offered_match_the_cpu_and_others_are_refused() -> None:
             encode(src, prev, np.empty_like(prev), *scratch, 50, bad)
         with pytest.raises(ValueError, match="loop"):
             kernel.sparse_codes16(*scratch, 10, np.empty(70, np.uint8), bad)
+        with pytest.raises(ValueError, match="loop"):
+            kernel.codes_sums16(np.zeros(40, np.uint8), bad)
 
 
 @pytest.mark.parametrize("mix", ["random", "all long and big", "none long or big"])

@@ -1006,13 +1006,13 @@ static PyObject *codes_sums16(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"encode_f32_bf16", encode_f32_bf16, METH_VARARGS,
-     "encode_f32_bf16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
+     "encode_f32_bf16(src, prev, owned, gaps, values, cap, loop=0) -> changed or -1"},
     {"encode_copy16", encode_copy16, METH_VARARGS,
-     "encode_copy16(src, prev, owned, gaps, values, cap, portable=False) -> changed or -1"},
+     "encode_copy16(src, prev, owned, gaps, values, cap, loop=0) -> changed or -1"},
     {"sparse_planes16", sparse_planes16, METH_VARARGS,
      "sparse_planes16(gaps, values, count, out) -> gap width"},
     {"sparse_codes16", sparse_codes16, METH_VARARGS,
-     "sparse_codes16(gaps, values, count, out, portable=False) -> (long_gaps, big_values, "
+     "sparse_codes16(gaps, values, count, out, loop=0) -> (long_gaps, big_values, "
      "gap width)"},
     {"xor_codes16", xor_codes16, METH_VARARGS,
      "xor_codes16(target, payload, count, long_gaps, big_values, width, source=None)"},
@@ -1043,7 +1043,7 @@ PyMODINIT_FUNC PyInit__xorkernel(void)
     /* the ``loop`` values this CPU runs besides the fastest (0) */
     PyObject *loops = use_avx2 ? Py_BuildValue("(ii)", LOOP_PORTABLE, LOOP_AVX2)
                                : Py_BuildValue("(i)", LOOP_PORTABLE);
-    if (PyModule_AddIntConstant(m, "SLACK", SLACK) < 0 ||
+    if (loops == NULL || PyModule_AddIntConstant(m, "SLACK", SLACK) < 0 ||
         PyModule_AddStringConstant(m, "SIMD",
                                    use_avx512 ? "avx512" : use_avx2 ? "avx2" : "portable") < 0 ||
         PyModule_AddObject(m, "LOOPS", loops) < 0) {
