@@ -408,20 +408,35 @@ static int loop_ok(int loop)
     return 0;
 }
 
+/* Which loop runs for a ``loop`` that loop_ok accepted: one decision for every kernel. */
+enum run { RUN_PORTABLE, RUN_AVX2, RUN_AVX512 };
+
+static enum run loop_to_run(int loop)
+{
+    if (use_avx512 && loop == LOOP_BEST) {
+        return RUN_AVX512;
+    }
+    if (use_avx2 && loop != LOOP_PORTABLE) {
+        return RUN_AVX2;
+    }
+    return RUN_PORTABLE;
+}
+
 static Py_ssize_t encode16(const void *src, int f32, const uint16_t *prev, uint16_t *owned,
                            Py_ssize_t n, uint32_t *gaps, uint16_t *values, Py_ssize_t cap,
                            int loop)
 {
     Py_ssize_t count;
+    enum run run = loop_to_run(loop);
 #if HAVE_AVX512_PATH
-    if (use_avx512 && loop == LOOP_BEST) {
+    if (run == RUN_AVX512) {
         count = encode_avx512(src, f32, prev, owned, n, gaps, values, cap);
-    } else if (use_avx2 && loop != LOOP_PORTABLE) {
+    } else if (run == RUN_AVX2) {
         count = encode_avx2(src, f32, prev, owned, n, gaps, values, cap);
     } else
 #endif
     {
-        (void)loop;
+        (void)run;
         count = encode_portable(src, f32, prev, owned, n, gaps, values, cap);
     }
     if (count > 0) {
@@ -796,14 +811,15 @@ static PyObject *sparse_codes16(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         uint32_t largest = 0;
         Py_ssize_t k = 0;
+        enum run run = loop_to_run(loop);
 #if HAVE_AVX512_PATH
-        if (use_avx512 && loop == LOOP_BEST) {
+        if (run == RUN_AVX512) {
             k = codes_avx512(g, v, o, count, &longs, &bigs, &largest);
-        } else if (use_avx2 && loop != LOOP_PORTABLE) {
+        } else if (run == RUN_AVX2) {
             k = codes_avx2(g, v, o, count, &longs, &bigs, &largest);
         }
 #endif
-        (void)loop;
+        (void)run;
         /* no branches: the long gaps and big values are gathered to the fronts of the input
          * arrays (slot longs / bigs <= k was read already) */
         for (; k < count; k++) {
@@ -880,14 +896,15 @@ static void code_sums(const uint8_t *c, Py_ssize_t count, int loop, uint64_t *sh
     Py_ssize_t k = 0;
     *short_gaps = 0;
     *long_codes = *big_codes = 0;
+    enum run run = loop_to_run(loop);
 #if HAVE_AVX512_PATH
-    if (use_avx512 && loop == LOOP_BEST) {
+    if (run == RUN_AVX512) {
         k = codes_sums_avx512(c, count, short_gaps, long_codes, big_codes);
-    } else if (use_avx2 && loop != LOOP_PORTABLE) {
+    } else if (run == RUN_AVX2) {
         k = codes_sums_avx2(c, count, short_gaps, long_codes, big_codes);
     }
 #endif
-    (void)loop;
+    (void)run;
     for (; k < count; k++) {
         uint32_t gap = c[k] >> 4;
         *short_gaps += gap == CODE_LONG ? 0 : gap;
