@@ -31,6 +31,7 @@ from asyncrl.errors import (
 )
 from asyncrl.sync import snapshot as snap
 from asyncrl.sync.deployment import (
+    PROBE_PROMPT,
     Deployment,
     DeploymentConfig,
     DeploymentManager,
@@ -551,6 +552,7 @@ class FakeVLLM:
         self.rpc_delay_s = 0.0
         self.health = [200]
         self.garbled: set[str] = set()  # paths answering 200 with a body that is not JSON
+        self.completions: list[dict[str, Any]] = []  # request bodies, in order
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -573,6 +575,7 @@ class FakeVLLM:
                                                               "hotloads": 4, "loaded_at": 1.0}]})
             return httpx.Response(200, json={"results": self.rpc(json.loads(body["args"][0]))})
         if path == "/v1/completions":
+            self.completions.append(body)
             return httpx.Response(200, json=self.probe)
         if path == "/weight_info":
             return httpx.Response(200, json={"weight_version": "id9"})
@@ -706,6 +709,18 @@ async def test_unhealthy_probe_is_reported() -> None:
     assert fake.calls.count("POST /v1/completions") > 1  # bounded retries
     assert fake.calls.count("POST /resume") == 1
     assert fake.calls[-1] == "POST /pause?mode=abort"  # attached: stopped serving
+
+
+@pytest.mark.anyio
+async def test_probe_is_one_token_on_the_short_prompt() -> None:
+    # every prompt token is a row of every matmul: the probe keeps its prompt short
+    fake = FakeVLLM()
+    manager, deployment = await _attached(fake)
+    async with manager:
+        assert await manager.probe(deployment) == [-0.5, -1.0]
+    (body,) = fake.completions
+    assert body["prompt"] == PROBE_PROMPT and len(PROBE_PROMPT) <= 2
+    assert (body["model"], body["max_tokens"], body["logprobs"]) == ("served", 1, 0)
 
 
 @pytest.mark.anyio

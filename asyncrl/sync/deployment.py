@@ -132,6 +132,7 @@ LogprobsMode = Literal["raw_logprobs", "processed_logprobs", "raw_logits", "proc
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 _INFLIGHT_MODES = ("keep", "abort", "wait")
+PROBE_PROMPT = "Hi"  # the health probe's prompt (see DeploymentConfig.probe_prompt)
 # flags / env vars the manager sets itself; extra_args / env must not override them
 _MANAGED_FLAGS = frozenset({
     "--model", "--host", "--port", "--dtype", "--max-model-len", "--served-model-name",
@@ -178,7 +179,11 @@ class DeploymentConfig(StrictModel):
     log_dir: Path | None = None
     logprobs_mode: LogprobsMode = "processed_logprobs"
     served_model_name: str | None = Field(None, min_length=1)
-    probe_prompt: str = Field("Hello", min_length=1)
+    # two characters: one token under a BPE tokenizer, two under the character-level ones
+    # asyncrl makes. Each prompt token is a row of every matmul, and where vLLM has no bf16
+    # GEMM for the CPU (AVX2-only x86) each row costs a pass over all weights: "Hello" (5
+    # tokens) took 0.55 s on a 0.5B model there, "Hi" 0.29 s.
+    probe_prompt: str = Field(PROBE_PROMPT, min_length=1)
     allow_remote: bool = False
     python_executable: str | None = None
 
@@ -982,7 +987,7 @@ class DeploymentManager:
         """The health probe every hotload ends with: a 1-token completion with ``logprobs=0``
         (the prompt's forward runs every layer); its logprob, which must be finite
         (``DeploymentError`` otherwise)."""
-        prompt = deployment.config.probe_prompt if deployment.config else "Hello"
+        prompt = deployment.config.probe_prompt if deployment.config else PROBE_PROMPT
         body = {
             "model": await self._model_name(deployment), "prompt": prompt, "max_tokens": 1,
             "temperature": 1.0, "seed": 0, "logprobs": 0,
