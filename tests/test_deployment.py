@@ -32,6 +32,7 @@ from asyncrl.errors import (
 from asyncrl.sync import snapshot as snap
 from asyncrl.sync.deployment import (
     PROBE_PROMPT,
+    SMALL_MACHINE_CPUS,
     Deployment,
     DeploymentConfig,
     DeploymentManager,
@@ -42,8 +43,10 @@ from asyncrl.sync.deployment import (
     interpret_hotload_replies,
     is_loopback,
     process_group_members,
+    reserved_cpus_for,
     server_command,
     server_env,
+    usable_cpus,
     with_memory_reuse,
 )
 from asyncrl.sync.worker_extension import (
@@ -155,6 +158,25 @@ def test_server_env(tmp_path: Path) -> None:
     assert int(tunables["glibc.malloc.trim_threshold"]) >= 1 << 40
     plain = server_env(_config(tmp_path, reuse_freed_memory=False), token=None, base_env=base)
     assert "GLIBC_TUNABLES" not in plain
+
+
+def test_reserved_cpus_none_kept_on_a_small_machine(tmp_path: Path) -> None:
+    # vLLM's default keeps one core for its API server: half the forward on 2 cores
+    base = {"PATH": "/bin"}
+    small = server_env(_config(tmp_path), token=None, base_env=base, cpus=SMALL_MACHINE_CPUS)
+    assert small["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    large = server_env(_config(tmp_path), token=None, base_env=base, cpus=SMALL_MACHINE_CPUS + 1)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in large  # vLLM's default
+    for cpus in (2, 64):
+        chosen = server_env(_config(tmp_path, reserved_cpus=1), token=None, base_env=base,
+                            cpus=cpus)
+        assert chosen["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    assert reserved_cpus_for(None, 1) == 0 and reserved_cpus_for(3, 2) == 3
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="use the field 'reserved_cpus'"):
+        _config(tmp_path, env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"})
+    with pytest.raises(ValueError, match="reserved_cpus"):
+        _config(tmp_path, reserved_cpus=-1)
 
 
 def test_with_memory_reuse_keeps_what_the_user_set() -> None:
