@@ -11,7 +11,8 @@ inherits the builtin a caller would naturally catch, so ``except ValueError`` ke
     ├── SnapshotError(RuntimeError)        sampler snapshot problems
     │   ├── ChecksumError                  bytes do not match the manifest
     │   ├── IdentityMismatchError          delta's previous identity != what is served
-    │   └── DeltaChainError                delta with no base / unknown previous snapshot
+    │   ├── DeltaChainError                delta with no base / unknown previous snapshot
+    │   └── HeldBytesLostError             a rejected in-place delta could not be undone
     ├── DeploymentError(RuntimeError)      vLLM deployment failed to start / died / unhealthy
     │   └── HotloadError                   hotload rejected or failed
     ├── SamplingError(RuntimeError)        sampling request failed (wraps httpx errors)
@@ -58,6 +59,11 @@ class IdentityMismatchError(SnapshotError):
 
 class DeltaChainError(SnapshotError):
     """A delta cannot be applied: no base in the chain, or an unknown previous snapshot."""
+
+
+class HeldBytesLostError(SnapshotError):
+    """A delta applied in place failed verification and could not be turned back: the host
+    bytes it was applied to are unusable (a base must be loaded next)."""
 
 
 class DeploymentError(AsyncRLError, RuntimeError):

@@ -128,9 +128,8 @@ class Sample:
     decode_s: float | None = None  # host-side apply_snapshot of this delta
     naive_bytes: int | None = None  # zstd(XOR) without shuffle, same changed tensors
     naive_encode_s: float | None = None  # single thread
-    worker_verify_s: float | None = None  # inside reload: read + verify on the worker
+    worker_verify_s: float | None = None  # inside reload: read + verify (+ write) on the worker
     worker_reload_s: float | None = None  # inside reload: reload_weights of the changed layers
-    worker_apply_wait_s: float | None = None  # of which waiting for the delta's apply
 
 
 class RecordingManager:
@@ -350,7 +349,6 @@ async def sync_once(
     sample.other_s = sample.e2e_s - sum(getattr(sample, p) for p in PHASES if p != "other_s")
     last = await worker_timings(syncer.deployment)  # after the clock stopped
     sample.worker_verify_s, sample.worker_reload_s = last.get("verify_s"), last.get("reload_s")
-    sample.worker_apply_wait_s = last.get("apply_wait_s")
     return sample
 
 
@@ -513,7 +511,7 @@ def group_stats(run: Run, samples: list[Sample]) -> dict[str, Any]:
         out[key] = {"p50": pct(vals, 50), "p95": pct(vals, 95)}
     no_probe = [s.e2e_s - s.warmup_s for s in samples]
     out["e2e_no_probe_s"] = {"p50": pct(no_probe, 50), "p95": pct(no_probe, 95)}
-    for key in ("worker_verify_s", "worker_reload_s", "worker_apply_wait_s"):
+    for key in ("worker_verify_s", "worker_reload_s"):
         vals = [getattr(s, key) for s in samples if getattr(s, key) is not None]
         out[key] = {"p50": pct(vals, 50), "p95": pct(vals, 95)}
     out["encode_gbps"] = pct([run.raw_bytes / s.encode_s / 1e9 for s in samples], 50)
@@ -646,10 +644,9 @@ def print_report(run: Run, summary: dict[str, Any], rows: list[dict[str, Any]]) 
             )
     for name, g in summary["groups"].items():
         print(
-            f"{name}: worker side of reload, p50: read + verify "
-            f"{g['worker_verify_s']['p50']:.4f} s, reload_weights "
-            f"{g['worker_reload_s']['p50']:.4f} s (waiting for the delta's apply beside it "
-            f"{g['worker_apply_wait_s']['p50']:.4f} s)"
+            f"{name}: worker side of reload, p50: read + verify (a delta written as it is "
+            f"verified) {g['worker_verify_s']['p50']:.4f} s, reload_weights "
+            f"{g['worker_reload_s']['p50']:.4f} s"
         )
     bare = summary["bare_reload_s"]
     print(

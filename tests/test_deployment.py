@@ -8,8 +8,8 @@ import json
 import os
 import sys
 import textwrap
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from asyncrl.errors import (
     ConfigError,
     DeltaChainError,
     DeploymentError,
+    HeldBytesLostError,
     HotloadError,
     IdentityMismatchError,
     SnapshotError,
@@ -171,6 +172,11 @@ def test_reserved_cpus_none_kept_on_a_small_machine(tmp_path: Path) -> None:
         chosen = server_env(_config(tmp_path, reserved_cpus=1), token=None, base_env=base,
                             cpus=cpus)
         assert chosen["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    inherited = {**base, "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}  # the user's shell chose
+    kept = server_env(_config(tmp_path), token=None, base_env=inherited, cpus=2)
+    assert kept["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    field = server_env(_config(tmp_path, reserved_cpus=0), token=None, base_env=inherited, cpus=2)
+    assert field["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"  # the field wins
     assert reserved_cpus_for(None, 1) == 0 and reserved_cpus_for(3, 2) == 3
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
     with pytest.raises(ValueError, match="use the field 'reserved_cpus'"):
@@ -389,7 +395,7 @@ def test_worker_base_then_delta_reloads_whole_changed_layers(chain: dict[str, An
     assert (status["identity"], status["kind"], status["hotloads"]) == (
         chain["delta"].snapshot_identity, "delta", 2)
     timings = status["last_hotload"]
-    assert 0 <= timings["apply_wait_s"] <= timings["reload_s"] == reply["reload_s"]
+    assert timings["verify_s"] >= 0 and timings["reload_s"] == reply["reload_s"] >= 0
 
 
 class _RecordingQuantMethod:
@@ -483,11 +489,7 @@ def test_worker_forgets_its_identity_when_the_reload_fails(chain: dict[str, Any]
     assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
 
 
-def _apply_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "asyncrl-apply"]
-
-
-def test_worker_delta_reload_stopped_half_way_joins_its_apply_thread(
+def test_worker_delta_reload_stopped_half_way_forgets_the_identity(
     chain: dict[str, Any],
 ) -> None:
     worker = FakeWorker()
@@ -495,26 +497,28 @@ def test_worker_delta_reload_stopped_half_way_joins_its_apply_thread(
     worker.fail_after, worker.loaded = 0, {}
     reply = worker.asyncrl_hotload(_delta_request(chain))
     assert reply["ok"] is False and reply["engine_touched"] is True
-    assert worker.asyncrl_status()["identity"] is None and _apply_threads() == []
+    assert worker.asyncrl_status()["identity"] is None
 
 
-def test_worker_apply_error_fails_the_reload(
+def test_worker_forgets_its_identity_when_held_bytes_are_lost(
     chain: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     worker = FakeWorker()
     assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
     worker.loaded = {}
 
-    def broken(self: snap.PendingSnapshot, name: str) -> None:
-        raise ChecksumError(f"{name}: held bytes changed")
+    def lost(*args: Any, **kwargs: Any) -> Any:
+        raise HeldBytesLostError("a rejected delta could not be turned back; bytes lost")
 
-    monkeypatch.setattr(snap.PendingSnapshot, "apply", broken)
+    original = snap.prepare_snapshot
+    monkeypatch.setattr(snap, "prepare_snapshot", lost)
     reply = worker.asyncrl_hotload(_delta_request(chain))
-    assert reply["ok"] is False and reply["engine_touched"] is True
-    assert reply["error_type"] == "ChecksumError" and "held bytes changed" in reply["message"]
-    # the changed tensor never reached the engine with its old bytes
-    assert "model.layers.1.mlp.down_proj.weight" not in worker.loaded
-    assert worker.asyncrl_status()["identity"] is None and _apply_threads() == []
+    assert reply["ok"] is False and reply["engine_touched"] is False  # the engine kept serving
+    assert "bytes lost" in reply["message"] and worker.loaded == {}
+    assert worker.asyncrl_status()["identity"] is None  # the next sync must be a base
+    monkeypatch.setattr(snap, "prepare_snapshot", original)
+    _assert_rejected(worker, _delta_request(chain), DeltaChainError)
+    assert worker.asyncrl_hotload(_request(chain["base"], "base"))["ok"]
 
 
 def test_worker_without_root_rejects_everything(
@@ -535,13 +539,22 @@ def test_reload_order_puts_the_decoder_layers_first() -> None:
         "model.norm.weight")
 
 
-def test_the_background_apply_runs_off_the_engine_threads_cores() -> None:
-    from asyncrl.sync.worker_extension import _every_cpu, _other_cpus
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity")
+def test_the_verification_runs_on_every_cpu_and_gives_the_thread_back() -> None:
+    from asyncrl.sync.worker_extension import _on_every_cpu
 
-    assert _other_cpus({0}, {0, 1}) == {1}  # vLLM-CPU on 2 cores: the engine thread has core 0
-    assert _other_cpus({2, 3}, {0, 1, 2, 3}) == {0, 1}
-    assert _other_cpus({0, 1}, {0, 1}) == {0, 1}  # not pinned: anywhere
-    assert _every_cpu({0}, {0, 1}) == {0, 1}
+    every = os.sched_getaffinity(0)
+
+    def pinned_thread() -> tuple[int | None, set[int], set[int]]:
+        os.sched_setaffinity(0, {min(every)})  # as vLLM-CPU pins its worker's thread
+        with _on_every_cpu() as threads:
+            inside = os.sched_getaffinity(0)
+        return threads, inside, os.sched_getaffinity(0)
+
+    with ThreadPoolExecutor(1) as pool:  # a thread of its own: this one stays as it is
+        threads, inside, after = pool.submit(pinned_thread).result()
+    assert inside == every and threads == len(every)
+    assert after == {min(every)}
 
 
 def test_worker_hands_the_engine_its_tensors_in_reload_order(chain: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ def test_public_names_are_pinned() -> None:
             "DeltaChainError",
             "DeploymentError",
             "ForwardBackwardOutput",
+            "HeldBytesLostError",
             "HotloadError",
             "IdentityMismatchError",
             "LossConfig",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from asyncrl.errors import ChecksumError, DeltaChainError, IdentityMismatchError, SnapshotError
+from asyncrl.errors import (
+    ChecksumError,
+    DeltaChainError,
+    HeldBytesLostError,
+    IdentityMismatchError,
+    SnapshotError,
+)
 from asyncrl.sync import snapshot as snap
 from asyncrl.sync.snapshot import (
     DELTA_FILE,
@@ -345,7 +351,24 @@ def reforge_longest_blob(path: Path) -> None:
     (path / MANIFEST_FILE).write_text(json.dumps(obj))
 
 
-@pytest.mark.parametrize("damage", ["reforged_blob", "result_checksum"])
+def break_last_frame(path: Path) -> None:
+    """Make the last zstd frame of the longest blob undecodable (its magic number) AND fix the
+    blob checksum: the chunks before it decode and are written in place first."""
+    obj = json.loads((path / MANIFEST_FILE).read_text())
+    entry = max((e["blob"] for e in obj["tensors"] if "blob" in e), key=lambda b: b["length"])
+    data = bytearray((path / DELTA_FILE).read_bytes())
+    start, end = entry["offset"], entry["offset"] + entry["length"]
+    chunks = int.from_bytes(data[start + 16 : start + 20], "little")  # header: 4s Q I I
+    last = int.from_bytes(data[start + 20 + 4 * (chunks - 1) : start + 24 + 4 * (chunks - 1)],
+                          "little")
+    assert chunks > 2 and last > 0
+    data[end - last] ^= 0xFF  # the first byte of the last frame's magic number
+    (path / DELTA_FILE).write_bytes(bytes(data))
+    entry["checksum"] = snap.checksum(bytes(data[start:end]))
+    (path / MANIFEST_FILE).write_text(json.dumps(obj))
+
+
+@pytest.mark.parametrize("damage", ["reforged_blob", "broken_frame", "result_checksum"])
 def test_in_place_failure_writes_no_held_byte(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
 ) -> None:
@@ -356,13 +379,16 @@ def test_in_place_failure_writes_no_held_byte(
     before = snapshot_bytes(host0)
     if damage == "reforged_blob":
         reforge_longest_blob(tmp_path / "d1")
+    elif damage == "broken_frame":
+        break_last_frame(tmp_path / "d1")
     else:  # a wrong result checksum, the identity recomputed to match it
         def edit(obj: dict[str, Any]) -> None:
             [e for e in obj["tensors"] if "blob" in e][-1].update(checksum="0" * 32)
             obj["snapshot_identity"] = snap.snapshot_identity(
                 (e["name"], e["dtype"], e["shape"], e["checksum"]) for e in obj["tensors"])
         edit_manifest(tmp_path / "d1", edit)
-    with pytest.raises(ChecksumError):
+    with pytest.raises(ChecksumError, match="does not decompress" if damage == "broken_frame"
+                       else "checksum"):
         apply_snapshot(tmp_path / "d1", host0, in_place=True)
     assert snapshot_bytes(host0) == before
     assert not any(raw.data.flags.writeable for raw in host0.tensors.values())
@@ -381,25 +407,16 @@ def test_in_place_apply_turns_the_held_bytes(chain: Chain) -> None:
         assert not raw.data.flags.writeable
 
 
-def test_prepared_delta_is_applied_tensor_by_tensor(chain: Chain) -> None:
+def test_prepared_delta_is_written_over_the_held_bytes(chain: Chain) -> None:
     root, _, host0, w1 = chain
-    before = snapshot_bytes(host0)
-    expected = apply_snapshot(root / "d1", host0).snapshot
-    pending = prepare_snapshot(root / "d1", host0)
-    assert snapshot_bytes(host0) == before  # verified, nothing written yet
-    assert pending.pending == list(pending.loaded.changed) == sorted(pending.loaded.changed)
-    assert pending.loaded.snapshot.identity == expected.identity
-    first, *rest = pending.pending
-    pending.apply(first)
-    assert pending.pending == rest
-    assert host0.tensors[first].data.tobytes() == expected.tensors[first].data.tobytes()
-    assert snapshot_bytes(host0)[rest[0]] == before[rest[0]]  # the others still the previous
-    with ThreadPoolExecutor(2) as pool:  # any thread, any order; a second apply is a no-op
-        list(pool.map(pending.apply, [*reversed(rest), first]))
-    assert pending.pending == []
-    assert_same_bytes(to_torch(pending.loaded.snapshot), w1)
-    for name, raw in pending.loaded.snapshot.tensors.items():
-        assert raw.data is host0.tensors[name].data and not raw.data.flags.writeable
+    expected = apply_snapshot(root / "d1", host0).snapshot  # a copy: host0 untouched
+    held = {name: raw.data for name, raw in host0.tensors.items()}
+    loaded = prepare_snapshot(root / "d1", host0)
+    assert loaded.snapshot.identity == expected.identity
+    assert list(loaded.changed) == sorted(loaded.changed) and loaded.changed
+    assert_same_bytes(to_torch(loaded.snapshot), w1)
+    for name, raw in loaded.snapshot.tensors.items():  # the same arrays, read-only again
+        assert raw.data is held[name] and not raw.data.flags.writeable
 
 
 def test_prepared_delta_on_bytes_numpy_cannot_write_is_applied_to_a_copy(chain: Chain) -> None:
@@ -409,28 +426,72 @@ def test_prepared_delta_on_bytes_numpy_cannot_write_is_applied_to_a_copy(chain: 
         for name, raw in host0.tensors.items()
     })
     before = snapshot_bytes(frozen)
-    loaded = prepare_snapshot(root / "d1", frozen).apply_all()
+    loaded = prepare_snapshot(root / "d1", frozen)
     assert_same_bytes(to_torch(loaded.snapshot), w1)
     assert snapshot_bytes(frozen) == before
     for name in loaded.changed:
         assert loaded.snapshot.tensors[name].data is not frozen.tensors[name].data
 
 
-def test_apply_rechecks_the_bytes_it_wrote(chain: Chain) -> None:
+def test_held_bytes_changed_before_a_delta_are_caught_and_kept(chain: Chain) -> None:
+    # the result checksum covers the held bytes too; turning back restores them exactly
     root, _, host0, _ = chain
-    pending = prepare_snapshot(root / "d1", host0)
-    name = pending.pending[0]
+    name = "model.layers.0.self_attn.q_proj.weight"
     data = host0.tensors[name].data
     data.flags.writeable = True
-    data[0] ^= 1  # the held bytes change between the verification and the apply
-    with pytest.raises(ChecksumError, match="changed in between"):
-        pending.apply(name)
+    data[3] ^= 1
+    data.flags.writeable = False
+    before = snapshot_bytes(host0)
+    with pytest.raises(ChecksumError, match="do not match their manifest checksum"):
+        prepare_snapshot(root / "d1", host0)
+    assert snapshot_bytes(host0) == before
+    assert not any(raw.data.flags.writeable for raw in host0.tensors.values())
 
 
-def test_prepared_base_has_nothing_to_apply(chain: Chain) -> None:
-    root, _, host0, _ = chain
-    pending = prepare_snapshot(root / "b0", None)
-    assert pending.pending == [] and pending.loaded.snapshot.identity == host0.identity
+@pytest.mark.parametrize("damage", ["reforged_blob", "broken_frame", "result_checksum"])
+def test_a_delta_that_cannot_be_turned_back_says_the_held_bytes_are_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 64)  # many chunks per tensor
+    w0 = model()
+    _, host0 = write_base(tmp_path, "b0", w0)
+    write_delta(tmp_path, "d1", nudge(w0, sorted(w0), lr=0.5), host0)
+    failed = threading.Event()  # set by the first failure; in-place writes fail after it
+    xor_chunk, mismatched = snap._xor_chunk, snap._raise_if_mismatched
+
+    def runs_out_of_memory_after_a_failure(*args: Any) -> None:
+        if failed.is_set() and (len(args) < 6 or args[5] is None):  # in place: the undo
+            raise MemoryError("no memory left")
+        try:
+            xor_chunk(*args)
+        except ChecksumError:
+            failed.set()
+            raise
+
+    def checked(*args: Any) -> None:  # every tensor applied whole, then checked
+        try:
+            mismatched(*args)
+            if damage == "result_checksum":
+                raise ChecksumError("decoded bytes do not match their manifest checksum")
+        except ChecksumError:
+            failed.set()
+            raise
+
+    if damage == "reforged_blob":
+        reforge_longest_blob(tmp_path / "d1")
+    elif damage == "broken_frame":  # fails half way through a tensor: it turns its own back
+        break_last_frame(tmp_path / "d1")
+    monkeypatch.setattr(snap, "_raise_if_mismatched", checked)
+    monkeypatch.setattr(snap, "_xor_chunk", runs_out_of_memory_after_a_failure)
+    with pytest.raises(HeldBytesLostError, match="lost") as info:
+        prepare_snapshot(tmp_path / "d1", host0, workers=1)  # one thread: a fixed order
+    assert isinstance(info.value.__cause__, MemoryError)
+
+
+def test_prepared_base_is_loaded_whole(chain: Chain) -> None:
+    root, w0, host0, _ = chain
+    loaded = prepare_snapshot(root / "b0", None)
+    assert loaded.snapshot.identity == host0.identity and sorted(loaded.changed) == sorted(w0)
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))

@@ -181,7 +181,8 @@ class DeploymentConfig(StrictModel):
     enforce_eager: bool = True
     kv_cache_gib: int = Field(1, ge=1)
     # CPU only: cores vLLM keeps out of the forward's OpenMP pool for its API server and engine
-    # loop; None: asyncrl's default (``reserved_cpus_for``)
+    # loop; None: the manager's own VLLM_CPU_NUM_OF_RESERVED_CPU if it has one, else asyncrl's
+    # default (``reserved_cpus_for``)
     reserved_cpus: int | None = Field(None, ge=0)
     reuse_freed_memory: bool = True
     extra_args: tuple[str, ...] = ()
@@ -273,8 +274,10 @@ def server_env(
     env["VLLM_SERVER_DEV_MODE"] = "1"
     env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
     reserved = reserved_cpus_for(config.reserved_cpus, usable_cpus() if cpus is None else cpus)
-    if reserved is not None:
+    if config.reserved_cpus is not None:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
+    elif reserved is not None:  # a value in the manager's own environment is kept
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
     if config.reuse_freed_memory:
         env["GLIBC_TUNABLES"] = with_memory_reuse(env.get("GLIBC_TUNABLES", ""))
     env[ENV_SNAPSHOT_ROOT] = str(Path(config.snapshot_root).resolve())

