@@ -532,13 +532,11 @@ def apply_snapshot(
     returned snapshot's); a snapshot that fails verification leaves it as it was."""
     path = Path(path)
     manifest = read_manifest(path) if manifest is None else manifest
-    if in_place and manifest.kind == "delta":
-        return prepare_snapshot(path, current, workers=workers, manifest=manifest)
     _check_manifest_identity(path, manifest)
     if manifest.kind == "base":
         snapshot = _load_base(path, manifest, workers)
     else:
-        snapshot = _load_delta(path, manifest, current, workers)
+        snapshot = _load_delta(path, manifest, current, workers, in_place=in_place)
     return LoadedSnapshot(manifest, snapshot, tuple(manifest.changed))
 
 
@@ -560,60 +558,7 @@ def prepare_snapshot(
     chunks again restores every byte it turned, and ``current`` is as it was. Only if turning
     back fails as well (it repeats decodes that succeeded; memory exhaustion could) is
     ``HeldBytesLostError`` raised: ``current`` is then unusable."""
-    path = Path(path)
-    manifest = read_manifest(path) if manifest is None else manifest
-    _check_manifest_identity(path, manifest)
-    changed = tuple(manifest.changed)
-    if manifest.kind == "base":
-        return LoadedSnapshot(manifest, _load_base(path, manifest, workers), changed)
-    entries, blobs = _read_delta(path, manifest, current, workers)
-    assert current is not None  # _read_delta raises DeltaChainError without it
-    turned: list[TensorEntry] = []  # applied in place, whole (list.append is thread-safe)
-
-    def decode(entry: TensorEntry) -> tuple[np.ndarray, str]:  # on a decoding thread
-        held = current.tensors[entry.name].data
-        out = held if _make_writable(held) else _BUFFERS.take(held.nbytes)
-        try:
-            digest = _decode_tensor(blobs[entry.name], held, _itemsize(entry.dtype), out=out)
-        finally:
-            held.flags.writeable = False
-        if out is held:
-            turned.append(entry)
-        return out, digest
-
-    try:
-        results = _parallel_map(decode, entries, workers,
-                                cost=lambda e: current.tensors[e.name].data.nbytes)
-        _raise_if_mismatched(path, entries, [digest for _, digest in results])
-    except BaseException:
-        _turn_back(current, turned, blobs, workers)
-        raise
-    return LoadedSnapshot(manifest, _delta_snapshot(
-        path, manifest, current, {e.name: out for e, (out, _) in zip(entries, results,
-                                                                      strict=True)}), changed)
-
-
-def _turn_back(
-    current: HostSnapshot, entries: Sequence[TensorEntry], blobs: Mapping[str, np.ndarray],
-    workers: int | None,
-) -> None:
-    """Undo the in-place decode of ``entries`` (their blobs applied again)."""
-
-    def undo(entry: TensorEntry) -> None:
-        held = current.tensors[entry.name].data
-        held.flags.writeable = True
-        try:
-            _decode_tensor(blobs[entry.name], held, _itemsize(entry.dtype), out=held)
-        finally:
-            held.flags.writeable = False
-
-    try:
-        _parallel_map(undo, entries, workers, cost=lambda e: current.tensors[e.name].data.nbytes)
-    except BaseException as exc:
-        raise HeldBytesLostError(
-            f"a rejected delta could not be turned back ({type(exc).__name__}: {exc}); the "
-            f"bytes held for snapshot {current.identity} are lost"
-        ) from exc
+    return apply_snapshot(path, current, workers=workers, manifest=manifest, in_place=True)
 
 
 def list_snapshots(root: str | os.PathLike[str]) -> list[str]:
@@ -1557,22 +1502,65 @@ def _read_delta(
 
 
 def _load_delta(
-    path: Path, manifest: SnapshotManifest, current: HostSnapshot | None, workers: int | None
+    path: Path,
+    manifest: SnapshotManifest,
+    current: HostSnapshot | None,
+    workers: int | None,
+    *,
+    in_place: bool,
 ) -> HostSnapshot:
-    """A delta on ``current`` decoded into new arrays (``current`` is not touched)."""
+    """A delta on ``current`` decoded into new arrays, or with ``in_place`` over ``current``'s
+    own (where numpy lets them be written), turned back if it fails (see ``prepare_snapshot``);
+    without it ``current`` is not touched."""
     changed, blobs = _read_delta(path, manifest, current, workers)
     assert current is not None
+    turned: list[TensorEntry] = []  # decoded in place, whole (list.append is thread-safe)
 
-    def decode(entry: TensorEntry) -> tuple[np.ndarray, str]:
-        previous = current.tensors[entry.name].data
-        out = _BUFFERS.take(previous.nbytes)
-        return out, _decode_tensor(blobs[entry.name], previous, _itemsize(entry.dtype), out=out)
+    def decode(entry: TensorEntry) -> tuple[np.ndarray, str]:  # on a decoding thread
+        held, itemsize = current.tensors[entry.name].data, _itemsize(entry.dtype)
+        if not (in_place and _make_writable(held)):
+            out = _BUFFERS.take(held.nbytes)
+            return out, _decode_tensor(blobs[entry.name], held, itemsize, out=out)
+        digest = _decode_in_place(blobs[entry.name], held, itemsize)
+        turned.append(entry)
+        return held, digest
 
-    results = _parallel_map(decode, changed, workers,
-                            cost=lambda e: current.tensors[e.name].data.nbytes)
-    _raise_if_mismatched(path, changed, [digest for _, digest in results])
+    try:
+        results = _parallel_map(decode, changed, workers,
+                                cost=lambda e: current.tensors[e.name].data.nbytes)
+        _raise_if_mismatched(path, changed, [digest for _, digest in results])
+    except BaseException:
+        _turn_back(current, turned, blobs, workers)
+        raise
     return _delta_snapshot(path, manifest, current,
                            {e.name: out for e, (out, _) in zip(changed, results, strict=True)})
+
+
+def _decode_in_place(blob: np.ndarray, held: np.ndarray, itemsize: int) -> str:
+    """``_decode_tensor`` over ``held`` itself (an array numpy lets be written); read-only
+    again after."""
+    held.flags.writeable = True
+    try:
+        return _decode_tensor(blob, held, itemsize, out=held)
+    finally:
+        held.flags.writeable = False
+
+
+def _turn_back(
+    current: HostSnapshot, entries: Sequence[TensorEntry], blobs: Mapping[str, np.ndarray],
+    workers: int | None,
+) -> None:
+    """Undo the in-place decode of ``entries`` (their blobs applied again)."""
+    try:
+        _parallel_map(
+            lambda e: _decode_in_place(blobs[e.name], current.tensors[e.name].data,
+                                       _itemsize(e.dtype)),
+            entries, workers, cost=lambda e: current.tensors[e.name].data.nbytes)
+    except BaseException as exc:
+        raise HeldBytesLostError(
+            f"a rejected delta could not be turned back ({type(exc).__name__}: {exc}); the "
+            f"bytes held for snapshot {current.identity} are lost"
+        ) from exc
 
 
 def _delta_snapshot(
