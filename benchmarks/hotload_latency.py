@@ -29,14 +29,13 @@ server). ``auto`` (default): ``adam`` below 100M parameters, else ``sign``.
 Definitions:
 - save: collecting the trainer's weights (references to the live fp32 parameters, ~0); encode:
   the snapshot write, which converts them to bf16 chunk by chunk as it goes (conversion / XOR /
-  filter / zstd / checksums / file write + fsync for a delta; conversion + checksums +
+  filter / zstd / checksums / file write (not fsynced) for a delta; conversion + checksums +
   safetensors write for a base);
   transfer: MODELED, snapshot bytes / ``--link-gbps`` (the snapshot is on a local disk here);
   pause / reload / resume: the deployment's hotload (reload = the worker rpc: read and verify
-  the snapshot (a delta's new bytes built and hashed chunk by chunk in scratch), then
-  ``reload_weights`` of the changed layers while a thread beside it applies the delta to the
-  held bytes, plus the prefix-cache reset; the worker's own split, read back from
-  ``asyncrl_status`` after the clock stopped, is printed too);
+  the snapshot (a delta's new bytes written over the held ones and hashed chunk by chunk),
+  then ``reload_weights`` of the changed layers, plus the prefix-cache reset; the worker's own
+  split, read back from ``asyncrl_status`` after the clock stopped, is printed too);
   warmup: the post-hotload probe completion.
 - e2e ("save..served"): wall time of ``save_and_hotload`` (save, encode, status read, hotload,
   probe) PLUS the modeled transfer; other = e2e minus the phases above (mostly the status read

@@ -320,17 +320,27 @@ CORRUPTIONS = {
     ),
     "edit_identity": lambda d: edit_manifest(d, lambda o: o.update(snapshot_identity="0" * 32)),
     "drop_blob": lambda d: edit_manifest(d, lambda o: changed_entry(o).pop("blob")),
+    # what a power loss may leave of a delta, which is not fsynced: files cut to nothing, or
+    # of their length but with blocks never written (zeros)
+    "empty_delta": lambda d: (d / DELTA_FILE).write_bytes(b""),
+    "zeroed_delta": lambda d: (d / DELTA_FILE).write_bytes(bytes((d / DELTA_FILE).stat().st_size)),
+}
+# ... and of its manifest: not a checksum error, a manifest that cannot be read
+UNREADABLE_MANIFESTS = {
+    "empty_manifest": lambda d: (d / MANIFEST_FILE).write_bytes(b""),
+    "zeroed_manifest": lambda d: (d / MANIFEST_FILE).write_bytes(
+        bytes((d / MANIFEST_FILE).stat().st_size)),
 }
 
 
 @pytest.mark.parametrize("in_place", [False, True])
-@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("corruption", sorted([*CORRUPTIONS, *UNREADABLE_MANIFESTS]))
 def test_corrupt_delta_raises_and_leaves_current(
     chain: Chain, corruption: str, in_place: bool
 ) -> None:
     root, _, host0, _ = chain
     before = snapshot_bytes(host0)
-    CORRUPTIONS[corruption](root / "d1")
+    {**CORRUPTIONS, **UNREADABLE_MANIFESTS}[corruption](root / "d1")
     with pytest.raises(SnapshotError):
         apply_snapshot(root / "d1", host0, in_place=in_place)
     assert snapshot_bytes(host0) == before
@@ -668,16 +678,24 @@ def test_streamed_file_writes_pieces_and_starts_their_writeback(
         return 0
 
     monkeypatch.setattr(snap, "_SYNC_FILE_RANGE", sync_file_range)
-    with snap._StreamedFile(tmp_path / "f") as out:
-        assert out.append(b"abc") == 0
-        out.write_at(10, np.frombuffer(b"xyz", np.uint8))
-        assert out.append(b"") == 13  # nothing to write back
-        assert out.append(b"tail") == 13
-        out.sync()
-    assert (tmp_path / "f").read_bytes() == b"abc" + bytes(7) + b"xyz" + b"tail"
-    assert ranges == [(0, 3, 2), (10, 3, 2), (13, 4, 2)]
+    synced: list[int] = []
+    monkeypatch.setattr(snap, "_fsync", synced.append)
+    for durable in (True, False):
+        with snap._StreamedFile(tmp_path / f"f{durable}", durable=durable) as out:
+            assert out.append(b"abc") == 0
+            out.write_at(10, np.frombuffer(b"xyz", np.uint8))
+            assert out.append(b"") == 13  # nothing to write back
+            assert out.append(b"tail") == 13
+            out.sync()
+        assert (tmp_path / f"f{durable}").read_bytes() == b"abc" + bytes(7) + b"xyz" + b"tail"
+        # durable: each piece's writeback started as it is written, and an fsync at the end;
+        # not durable: neither
+        assert ranges == ([(0, 3, 2), (10, 3, 2), (13, 4, 2)] if durable else [])
+        assert len(synced) == durable
+        ranges.clear()
+        synced.clear()
     with pytest.raises(FileExistsError):
-        snap._StreamedFile(tmp_path / "f")
+        snap._StreamedFile(tmp_path / "fTrue")
 
 
 @pytest.mark.skipif(snap._SYNC_FILE_RANGE is None, reason="no sync_file_range (not Linux)")
@@ -692,23 +710,36 @@ def test_writeback_hint_is_the_real_syscall(tmp_path: Path) -> None:
         snap.os.close(fd)
 
 
-def test_data_files_are_synced_before_the_manifest(
+def test_a_base_is_synced_before_and_after_its_rename_a_delta_only_when_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[str] = []
-    real = snap._fsync
+    real_file, real_dir = snap._fsync, snap._fsync_dir
 
-    def record(fd: int) -> None:
+    def record_file(fd: int) -> None:
         synced.append(Path(snap.os.readlink(f"/proc/self/fd/{fd}")).name)
-        real(fd)
+        real_file(fd)
 
-    monkeypatch.setattr(snap, "_fsync", record)
+    def record_dir(path: Path) -> None:
+        synced.append("tmp dir/" if path.name.startswith(snap.TEMP_PREFIX) else f"{path.name}/")
+        real_dir(path)
+
+    monkeypatch.setattr(snap, "_fsync", record_file)
+    monkeypatch.setattr(snap, "_fsync_dir", record_dir)
+    root = tmp_path / "root"
     w0 = model()
-    _, base = write_base(tmp_path, "b", w0, workers=2)
-    assert synced == [WEIGHTS_FILE, MANIFEST_FILE]
+    _, base = write_base(root, "b", w0, workers=2)
+    durable = [MANIFEST_FILE, "tmp dir/", "root/"]  # the data files before these
+    assert synced == [WEIGHTS_FILE, *durable]
     synced.clear()
-    write_delta(tmp_path, "d", nudge(w0, list(w0)), base, workers=2)
-    assert synced == [DELTA_FILE, MANIFEST_FILE]
+    w1 = nudge(w0, list(w0))
+    _, d1 = write_delta(root, "d1", w1, base, workers=2)
+    assert synced == []
+    _, d2 = write_delta(root, "d2", nudge(w1, list(w1)), d1, workers=2, durable=True)
+    assert synced == [DELTA_FILE, *durable]
+    # the unsynced delta is complete for every reader on this machine
+    assert apply_snapshot(root / "d1", base).snapshot.identity == d1.identity
+    assert snap.list_snapshots(root) == ["b", "d1", "d2"]
 
 
 @pytest.mark.parametrize("kind", ["base", "delta"])

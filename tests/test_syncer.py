@@ -305,11 +305,11 @@ def test_a_delta_that_fails_to_write_drops_what_it_was_computed_on(
     client.save_weights_for_sampler_ext("s0", "base").result()
     train_step(client, 1)
 
-    def full_disk(fd: int) -> None:
+    def full_disk(fd: int, data: object, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(snapshot, "_fsync", full_disk)  # the delta file's fsync
+        m.setattr(snapshot.os, "pwrite", full_disk)  # the delta file's first write
         with pytest.raises(SnapshotError, match="No space left"):
             client.save_weights_for_sampler_ext("s1", "delta", consume_previous=True).result()
     assert client._host_snapshots == {}  # its bytes were half turned: not kept
@@ -333,11 +333,11 @@ async def test_syncer_sends_a_base_after_a_delta_failed_to_write(
     await syncer.save_and_hotload("s0")
     train_step(client, 1)
 
-    def full_disk(fd: int) -> None:
+    def full_disk(fd: int, data: object, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(snapshot, "_fsync", full_disk)  # the delta file's fsync
+        m.setattr(snapshot.os, "pwrite", full_disk)  # the delta file's first write
         with pytest.raises(SnapshotError):
             await syncer.save_and_hotload("s1")
     train_step(client, 2)
