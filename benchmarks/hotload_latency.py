@@ -642,9 +642,10 @@ def print_report(run: Run, summary: dict[str, Any], rows: list[dict[str, Any]]) 
                 f"{g['shuffled_over_naive']:.3f}"
             )
     for name, g in summary["groups"].items():
+        how = "a delta written as it is verified" if name.startswith("delta") else "a base read"
         print(
-            f"{name}: worker side of reload, p50: read + verify (a delta written as it is "
-            f"verified) {g['worker_verify_s']['p50']:.4f} s, reload_weights "
+            f"{name}: worker side of reload, p50: read + verify ({how}) "
+            f"{g['worker_verify_s']['p50']:.4f} s, reload_weights "
             f"{g['worker_reload_s']['p50']:.4f} s"
         )
     bare = summary["bare_reload_s"]

@@ -738,7 +738,9 @@ def test_a_base_is_synced_before_and_after_its_rename_a_delta_only_when_asked(
     _, d2 = write_delta(root, "d2", nudge(w1, list(w1)), d1, workers=2, durable=True)
     assert synced == [DELTA_FILE, *durable]
     # the unsynced delta is complete for every reader on this machine
-    assert apply_snapshot(root / "d1", base).snapshot.identity == d1.identity
+    after_d1 = apply_snapshot(root / "d1", base).snapshot
+    assert after_d1.identity == d1.identity
+    assert apply_snapshot(root / "d2", after_d1).snapshot.identity == d2.identity
     assert snap.list_snapshots(root) == ["b", "d1", "d2"]
 
 
