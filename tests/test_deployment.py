@@ -31,6 +31,7 @@ from asyncrl.errors import (
     SnapshotError,
 )
 from asyncrl.sync import snapshot as snap
+from asyncrl.sync.cpus import usable_cpus
 from asyncrl.sync.deployment import (
     PROBE_PROMPT,
     SMALL_MACHINE_CPUS,
@@ -47,7 +48,6 @@ from asyncrl.sync.deployment import (
     process_group_members,
     server_command,
     server_env,
-    usable_cpus,
     with_memory_reuse,
 )
 from asyncrl.sync.worker_extension import (
@@ -183,6 +183,18 @@ def test_reserved_cpus_none_kept_on_a_small_machine(tmp_path: Path) -> None:
         _config(tmp_path, env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"})
     with pytest.raises(ValueError, match="reserved_cpus"):
         _config(tmp_path, reserved_cpus=-1)
+
+
+def test_usable_cpus_is_this_process_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncrl.sync import cpus
+
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    assert usable_cpus() == 3
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert snap._default_workers() == 32  # the codec's threads are capped
+    monkeypatch.delattr(cpus.os, "sched_getaffinity")  # as on macOS
+    monkeypatch.setattr(cpus.os, "cpu_count", lambda: None)
+    assert usable_cpus() == 1
 
 
 def test_with_memory_reuse_keeps_what_the_user_set() -> None:

@@ -100,6 +100,7 @@ from asyncrl.errors import (
     IdentityMismatchError,
 )
 from asyncrl.logging import get_logger
+from asyncrl.sync.cpus import usable_cpus
 from asyncrl.sync.worker_extension import (
     ENV_HOTLOAD_TOKEN,
     ENV_SNAPSHOT_ROOT,
@@ -302,14 +303,6 @@ def default_reserved_cpus(cpus: int) -> int | None:
     ``reload_weights`` 0.62-0.69 -> 0.56-0.57 s. The API server and engine loop then share the
     cores with the forward; their work per request is small next to it there."""
     return 0 if cpus <= SMALL_MACHINE_CPUS else None
-
-
-def usable_cpus() -> int:
-    """How many CPUs this process may run on (its affinity where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # glibc malloc settings for the server: keep freed memory for reuse instead of returning it

@@ -106,6 +106,7 @@ from asyncrl.errors import (
     IdentityMismatchError,
     SnapshotError,
 )
+from asyncrl.sync.cpus import usable_cpus
 
 try:  # the C kernel setup.py builds; without it the numpy path writes the same bytes, slower
     from asyncrl.sync import _xorkernel
@@ -717,11 +718,8 @@ def _parallel_each(
 
 
 def _default_workers() -> int:
-    """The cores this process may run on (a vLLM worker may be pinned to fewer than all)."""
-    try:
-        return max(1, min(32, len(os.sched_getaffinity(0))))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, min(32, os.cpu_count() or 1))
+    """Threads for encoding and decoding: the cores this process may run on, at most 32."""
+    return min(32, usable_cpus())
 
 
 # ---------------------------------------------------------------------------------------------
