@@ -845,9 +845,9 @@ def _blob(n: int, step: int, frames: list[bytes]) -> bytes:
 class _BlobWriter:
     """Appends the blobs of a delta's tensors to ``delta.bin`` in name order (a deterministic
     layout) as the encoding threads finish them: a blob waits only for those before it, so the
-    file is written, and its writeback started, while the rest is still being encoded instead
-    of after it (0.5B shape at lr 1e-5: write + fsync 0.075 s). ``done`` is the callback of
-    ``_parallel_each``; ``refs`` says where each blob went."""
+    file is written (and for a durable delta its writeback started) while the rest is still
+    being encoded instead of after it (0.5B shape at lr 1e-5: write + fsync 0.075 s). ``done``
+    is the callback of ``_parallel_each``; ``refs`` says where each blob went."""
 
     def __init__(self, out: _StreamedFile, names: Sequence[str]) -> None:
         self._out, self._names, self._next = out, names, 0
