@@ -574,7 +574,8 @@ def prepare_snapshot(
 
 def list_snapshots(root: str | os.PathLike[str]) -> list[str]:
     """Names of the complete snapshots under ``root`` (``.tmp-*`` and dirs without a manifest
-    are ignored), sorted."""
+    are ignored), sorted. After a power loss this may name a delta whose files were cut short
+    (deltas are not fsynced); reading it is refused."""
     root = Path(root)
     if not root.is_dir():
         return []
