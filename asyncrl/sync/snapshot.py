@@ -1163,18 +1163,17 @@ def _blob_frames(blob: memoryview, n: int, itemsize: int) -> list[tuple[int, int
 
 
 def _decode_tensor(
-    blob: bytes | np.ndarray, previous: np.ndarray, itemsize: int, *, out: np.ndarray | None
+    blob: bytes | np.ndarray, previous: np.ndarray, itemsize: int, *, out: np.ndarray
 ) -> str:
-    """XOR ``blob``'s chunks onto ``previous``'s bytes and return the checksum of the result,
-    hashed chunk by chunk while it is in cache. The result is written to ``out`` (``previous``
-    itself: in place), or with ``out=None`` nowhere: each chunk is built in a scratch buffer,
-    hashed and dropped (a verification that writes nothing).
+    """XOR ``blob``'s chunks onto ``previous``'s bytes, writing the result to ``out``
+    (``previous`` itself: in place), and return its checksum, hashed chunk by chunk while it is
+    in cache.
 
     A bad chunk raises ``ChecksumError`` before it is written; in place, the chunks before it
     are then turned back first (``HeldBytesLostError`` if that fails too)."""
     prev_e = _elements(previous, itemsize)
     size = min(prev_e.size, _chunk_elements(itemsize))
-    work = np.empty(size, prev_e.dtype) if out is None else out.view(prev_e.dtype)
+    work = out.view(prev_e.dtype)
     decompressor = zstandard.ZstdDecompressor()
     hasher = xxhash.xxh3_128()
     scratch = np.empty(size * itemsize, np.uint8)
@@ -1182,7 +1181,7 @@ def _decode_tensor(
     done = 0
     try:
         for start, stop, frame in frames:
-            target = work[: stop - start] if out is None else work[start:stop]
+            target = work[start:stop]
             source = None if out is previous else prev_e[start:stop]
             if len(frame):
                 _xor_chunk(frame, target, itemsize, decompressor, scratch, source)

@@ -144,9 +144,8 @@ _DECODER_LAYER = re.compile(r"\blayers\.\d+\.")
 def reload_order(names: Iterable[str]) -> tuple[str, ...]:
     """The order in which tensors are handed to vLLM's reload: the decoder layers' tensors
     first (in the given order, each layer's together: vLLM processes a layer once all of it
-    has arrived), then the others (embedding, final norm, lm_head). The delta is applied in
-    the same order on a thread beside the reload, so the embedding, the largest tensor by
-    far, is applied while vLLM reloads the layers instead of holding up the first tensor."""
+    has arrived, and buffers what it holds of every layer still incomplete), then the others
+    (embedding, final norm, lm_head)."""
     names = list(names)
     return tuple(sorted(names, key=lambda name: _DECODER_LAYER.search(name) is None))
 
