@@ -361,21 +361,142 @@ def reforge_longest_blob(path: Path) -> None:
     (path / MANIFEST_FILE).write_text(json.dumps(obj))
 
 
-def break_last_frame(path: Path) -> None:
-    """Make the last zstd frame of the longest blob undecodable (its magic number) AND fix the
-    blob checksum: the chunks before it decode and are written in place first."""
+def break_last_frame(path: Path, which: int = -1) -> None:
+    """Make the last zstd frame (or frame ``which``) of the longest blob undecodable (its magic
+    number) AND fix the blob checksum: the chunks before it decode and are written in place
+    first."""
     obj = json.loads((path / MANIFEST_FILE).read_text())
     entry = max((e["blob"] for e in obj["tensors"] if "blob" in e), key=lambda b: b["length"])
     data = bytearray((path / DELTA_FILE).read_bytes())
     start, end = entry["offset"], entry["offset"] + entry["length"]
     chunks = int.from_bytes(data[start + 16 : start + 20], "little")  # header: 4s Q I I
-    last = int.from_bytes(data[start + 20 + 4 * (chunks - 1) : start + 24 + 4 * (chunks - 1)],
-                          "little")
-    assert chunks > 2 and last > 0
-    data[end - last] ^= 0xFF  # the first byte of the last frame's magic number
+    lengths = np.frombuffer(bytes(data[start + 20 : start + 20 + 4 * chunks]), "<u4")
+    ends = start + 20 + 4 * chunks + np.cumsum(lengths)
+    k = which % chunks
+    assert chunks > 2 and lengths[k] > 0
+    data[int(ends[k] - lengths[k])] ^= 0xFF  # the first byte of the frame's magic number
     (path / DELTA_FILE).write_bytes(bytes(data))
     entry["checksum"] = snap.checksum(bytes(data[start:end]))
     (path / MANIFEST_FILE).write_text(json.dumps(obj))
+
+
+def in_reversed_order(fn: Any, items: Any, workers: Any, *, cost: Any = None,
+                      done: Any) -> None:
+    """``snap._parallel_each`` on one thread, the last item first."""
+    for i in reversed(range(len(items))):
+        done(i, fn(items[i]))
+
+
+def test_piece_bounds_cut_a_tensor_into_whole_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert snap._piece_bounds(0, 2048) == [0]
+    assert snap._piece_bounds(5000, 2048) == [0, 5000]  # 3 chunks, PIECE_CHUNKS of them fit
+    monkeypatch.setattr(snap, "PIECE_CHUNKS", 2)
+    assert snap._piece_bounds(5000, 2048) == [0, 4096, 5000]
+    assert snap._piece_bounds(8192, 2048) == [0, 4096, 8192]
+    assert snap._piece_bounds(1, 2048) == [0, 1]
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]])
+def test_ordered_hash_of_pieces_finished_in_any_order(order: list[int]) -> None:
+    data = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)
+    bounds = [0, 1000, 1001, 2500, 4000]
+    ordered = snap._OrderedHash(lambda k: data[bounds[k]:bounds[k + 1]], 4)
+    claimed = []
+    for k in order:
+        if ordered.claim(k):  # the piece the hash has reached: hashed as it is written
+            claimed.append(k)
+            for at in range(bounds[k], bounds[k + 1], 300):
+                ordered.update(data[at:min(at + 300, bounds[k + 1])])
+            ordered.finished(k, hashed=True)
+        else:
+            with pytest.raises(RuntimeError, match="pieces"):
+                ordered.hexdigest()
+            ordered.finished(k, hashed=False)
+    assert ordered.hexdigest() == snap.checksum(data)
+    assert claimed[0] == 0 and claimed == sorted(claimed)
+
+
+def test_ordered_hash_of_pieces_finished_by_many_threads() -> None:
+    data = np.random.default_rng(1).integers(0, 256, 64 * 512, dtype=np.uint8)
+    hashed = []
+    for trial in range(20):
+        ordered = snap._OrderedHash(lambda k: data[k * 512:(k + 1) * 512], 64)
+        rng = np.random.default_rng(trial)
+        delays = rng.random(64) * 1e-3
+
+        def piece(k: int, ordered: Any = ordered, delays: Any = delays) -> None:
+            hashing = ordered.claim(k)
+            time.sleep(delays[k])
+            if hashing:
+                ordered.update(data[k * 512:(k + 1) * 512])
+            ordered.finished(k, hashed=hashing)
+
+        def run(ks: Any) -> None:
+            for k in ks:
+                piece(int(k))
+
+        threads = [threading.Thread(target=run, args=(ks,))
+                   for ks in np.array_split(rng.permutation(64), 8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        hashed.append(ordered.hexdigest())
+    assert set(hashed) == {snap.checksum(data)}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_pieces_of_a_tensor_in_any_order_write_the_same_delta_and_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    """Tensors cut into many pieces (threads share a large tensor): encoded and decoded in
+    order, last piece first and on threads, the same delta file and the same bytes."""
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(snap, "PIECE_CHUNKS", 2)
+    w0 = model(seed=3, dtype=torch.float32)
+    w1 = nudge(w0, sorted(w0)[:4], lr=1e-2)
+    _, base = write_base(tmp_path, "b0", w0, dtype=dtype)
+    want_manifest, want = write_delta(tmp_path, "in-order", w1, base, dtype=dtype, workers=1)
+    assert len(snap._piece_bounds(256, 64 // snap._itemsize(dtype))) > 3  # the embedding
+    real = snap._parallel_each
+    runs: dict[str, Any] = {"reversed": in_reversed_order, "threads": real}
+    for name, runner in runs.items():
+        monkeypatch.setattr(snap, "_parallel_each", runner)
+        _, held = write_base(tmp_path, f"b-{name}", w0, dtype=dtype)
+        manifest, new = write_delta(tmp_path, name, w1, held, dtype=dtype, workers=4,
+                                    in_place=name == "threads")
+        assert manifest.tensors == want_manifest.tensors
+        assert (tmp_path / name / DELTA_FILE).read_bytes() == (
+            tmp_path / "in-order" / DELTA_FILE).read_bytes()
+        assert snapshot_bytes(new) == snapshot_bytes(want)
+        for in_place in (False, True):
+            loaded = apply_snapshot(tmp_path / "in-order", apply_snapshot(
+                tmp_path / "b0", None).snapshot, in_place=in_place, workers=4)
+            assert loaded.snapshot.identity == want.identity
+            assert snapshot_bytes(loaded.snapshot) == snapshot_bytes(want)
+    monkeypatch.setattr(snap, "_parallel_each", real)
+
+
+@pytest.mark.parametrize("which", [0, 3, -1])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_bad_piece_turns_back_every_piece_that_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: int, reverse: bool
+) -> None:
+    """The longest blob's tensor in one-chunk pieces on threads (or last first): one broken
+    chunk, and every piece decoded before it fails, of that tensor or another, is turned back."""
+    monkeypatch.setattr(snap, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(snap, "PIECE_CHUNKS", 1)
+    w0 = model()
+    _, host0 = write_base(tmp_path, "b0", w0)
+    write_delta(tmp_path, "d1", nudge(w0, sorted(w0), lr=0.5), host0)
+    break_last_frame(tmp_path / "d1", which)
+    before = snapshot_bytes(host0)
+    if reverse:
+        monkeypatch.setattr(snap, "_parallel_each", in_reversed_order)
+    with pytest.raises(ChecksumError, match="does not decompress"):
+        prepare_snapshot(tmp_path / "d1", host0, workers=4)
+    assert snapshot_bytes(host0) == before
+    assert not any(raw.data.flags.writeable for raw in host0.tensors.values())
 
 
 @pytest.mark.parametrize("damage", ["reforged_blob", "broken_frame", "result_checksum"])

@@ -27,9 +27,15 @@ value < 16 else 0)``; a code's 15 / 0 nibble takes the next of the long gaps / b
 follow). zstd's entropy stage, most of a dense delta's cost, then sees ~1.3 bytes per changed
 element instead of 3.
 
-Chunks are 4 MiB: the encoder and decoder run one thread per core over the tensors, and with
-1 MiB chunks the many small numpy calls per chunk serialised the threads on the GIL (two
-threads encoded no faster than one); 4 MiB chunks still fit the L3 cache.
+Chunks are 4 MiB: the encoder and decoder run one thread per core, and with 1 MiB chunks the
+many small numpy calls per chunk serialised the threads on the GIL (two threads encoded no
+faster than one); 4 MiB chunks still fit the L3 cache. The threads take pieces of
+``PIECE_CHUNKS`` chunks, not whole tensors: a 0.5B model's embedding is a quarter of its bytes,
+and as one thread's work it would bound a delta's encode and verification at a quarter of their
+single-thread time however many cores there are (the largest piece is 32 MiB). Each tensor is
+still hashed in order: the thread that writes the piece the hash has reached hashes it as it
+goes, and a piece finished ahead of that is hashed once the pieces before it are
+(``_OrderedHash``).
 
 The hot loops have two implementations that write the same bytes (tests compare them): a small
 C kernel (``_xorkernel.c``, built by setup.py when a compiler is there) converts fp32 -> bf16,
@@ -41,7 +47,8 @@ built.
 it over the held bytes as it goes) ~0.15 s.
 
 Checksums are XXH3-128; the encoder hashes each tensor's bytes as it converts them and the
-decoder each chunk as it builds it (in cache), so hashing costs no extra pass over memory. They
+decoder each chunk as it builds it (in cache), so hashing costs no extra pass over memory but
+for the pieces finished ahead of their tensor's hash. They
 are there to catch corruption and mix-ups (truncated / flipped / swapped files, a delta on the
 wrong snapshot), which XXH3 does as well as a cryptographic hash at ~9x its speed (18 us vs 162 us
 per MiB for BLAKE3 here). A cryptographic hash would add nothing: whoever can write into the
@@ -92,7 +99,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -124,6 +131,7 @@ CHECKSUM_ALGORITHM = "xxh3-128"
 DEFAULT_ZSTD_LEVEL = 1
 DELTA_FILTER = "xor+chunks(sparse-gaps|sparse-codes|byte-planes)"
 CHUNK_BYTES = 1 << 22  # raw bytes per delta chunk (one zstd frame); fits in L3
+PIECE_CHUNKS = 8  # chunks per unit of parallel work: threads share a large tensor
 SPARSE_MAX_DENSITY = 0.5  # a chunk with more changed elements is stored as byte planes
 CODES_MIN_DENSITY = 0.125  # a sparse 2-byte chunk with this many changed stores packed codes
 
@@ -475,14 +483,17 @@ def write_delta(
     names = sorted(sources)
     in_place = in_place and not _shares_within(previous)
 
-    def encode(n: str) -> _Encoded:  # on an encoding thread
-        return _encode_tensor(previous.tensors[n].data, sources[n], level, in_place=in_place)
-
     def fill(tmp: Path) -> tuple[SnapshotManifest, HostSnapshot]:
+        tensors = [_TensorEncoding(previous.tensors[n].data, sources[n], level, in_place=in_place)
+                   for n in names]
         with _StreamedFile(tmp / DELTA_FILE, durable=durable) as out:
             blobs = _BlobWriter(out, names)
-            _parallel_each(encode, names, workers, cost=lambda n: previous.tensors[n].data.nbytes,
-                           done=blobs.done)
+            try:
+                _each_piece(tensors, _TensorEncoding.encode, workers,
+                            done=lambda i: blobs.done(i, tensors[i].result()))
+            finally:
+                for tensor in tensors:
+                    tensor.close()
             out.sync()
         encoded = blobs.encoded
         snapshot = _host_snapshot(
@@ -723,6 +734,106 @@ def _default_workers() -> int:
     return min(32, usable_cpus())
 
 
+def _piece_bounds(n: int, step: int) -> list[int]:
+    """Where the pieces of a tensor of ``n`` elements in chunks of ``step`` start (and the
+    last ends): ``PIECE_CHUNKS`` whole chunks each, the last piece holding the rest."""
+    per_piece = step * PIECE_CHUNKS
+    return [*range(0, n, per_piece), n] if n else [0]
+
+
+class _Pieces(Protocol):
+    """A tensor's work cut into pieces (``_TensorEncoding``, ``_TensorDecoding``)."""
+
+    @property
+    def pieces(self) -> int: ...
+
+    def cost(self, k: int) -> int: ...
+
+
+_P = TypeVar("_P", bound=_Pieces)
+
+
+def _each_piece(
+    tensors: Sequence[_P],
+    work: Callable[[_P, int], None],
+    workers: int | None,
+    *,
+    done: Callable[[int], None],
+    ran: Callable[[_P, int], None] | None = None,
+) -> None:
+    """``work(tensor, k)`` for every piece ``k`` of every tensor over the thread pool, the
+    largest pieces first; ``ran(tensor, k)`` on the worker thread after each piece, and
+    ``done(i)`` on the calling thread once every piece of ``tensors[i]`` has run (at once for
+    a tensor without pieces). Errors as ``_parallel_each``."""
+    pieces = [(i, k) for i, tensor in enumerate(tensors) for k in range(tensor.pieces)]
+    left = [tensor.pieces for tensor in tensors]
+    for i in [i for i, count in enumerate(left) if count == 0]:
+        done(i)
+
+    def run(piece: tuple[int, int]) -> None:
+        tensor = tensors[piece[0]]
+        work(tensor, piece[1])
+        if ran is not None:
+            ran(tensor, piece[1])
+
+    def finished(p: int, _: None) -> None:
+        i = pieces[p][0]
+        left[i] -= 1
+        if left[i] == 0:
+            done(i)
+
+    _parallel_each(run, pieces, workers, cost=lambda p: tensors[p[0]].cost(p[1]), done=finished)
+
+
+class _OrderedHash:
+    """XXH3-128 of a tensor's bytes, written piece by piece (consecutive ranges) by threads in
+    any order. The thread writing the piece the hash has reached hashes its chunks as it writes
+    them, while they are in cache (``claim``, ``update``); a piece finished before those ahead
+    of it is hashed later, from memory, by the thread that finishes the last piece before it
+    (``finished``). ``piece_bytes(k)``: the bytes of piece ``k``."""
+
+    def __init__(self, piece_bytes: Callable[[int], np.ndarray], pieces: int) -> None:
+        self._piece_bytes = piece_bytes
+        self._hasher = xxhash.xxh3_128()
+        self._finished = [False] * pieces
+        self._next = 0  # the first piece not hashed yet
+        self._busy = False  # a thread is hashing (piece _next)
+        self._lock = threading.Lock()
+
+    def claim(self, k: int) -> bool:
+        """Whether the caller, about to write piece ``k``, hashes it as it goes: then it must
+        ``update`` with every byte of the piece in order, then call ``finished(k, True)``."""
+        with self._lock:
+            if self._busy or self._next != k:
+                return False
+            self._busy = True
+            return True
+
+    def update(self, data: np.ndarray) -> None:
+        self._hasher.update(_buffer(data))
+
+    def finished(self, k: int, *, hashed: bool) -> None:
+        """Piece ``k`` is written (and hashed, if claimed): hash what can be hashed now."""
+        with self._lock:
+            self._finished[k] = True
+            if hashed:
+                self._next, self._busy = k + 1, False
+        while True:
+            with self._lock:
+                if self._busy or self._next == len(self._finished) or not self._finished[
+                        self._next]:
+                    return
+                k, self._busy = self._next, True
+            self._hasher.update(_buffer(self._piece_bytes(k)))
+            with self._lock:
+                self._next, self._busy = k + 1, False
+
+    def hexdigest(self) -> str:
+        if self._next != len(self._finished):
+            raise RuntimeError(f"hashed {self._next} of {len(self._finished)} pieces")
+        return self._hasher.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # Internals: delta blobs (chunked XOR, filter, zstd; see the module docstring)
 
@@ -745,12 +856,12 @@ def _source(tensor: torch.Tensor, dtype: str | None) -> _Source:
     return _Source(name, tuple(tensor.shape), tensor.detach().reshape(-1))
 
 
-def _on_host(source: _Source) -> _Source:
-    """``source`` with its elements contiguous in host memory. A device tensor is converted to
-    the snapshot dtype on the device and copied over once, when its own encoding starts: on the
-    thread that encodes it, so transfers overlap the encoding of other tensors and no host copy
-    of the whole model is made first."""
-    flat = source.flat
+def _on_host(source: _Source, start: int = 0, stop: int | None = None) -> _Source:
+    """``source`` (its elements ``start:stop``) contiguous in host memory. A device tensor is
+    converted to the snapshot dtype on the device and copied over once, when its own encoding
+    starts: on the thread that encodes it, so transfers overlap the encoding of other tensors
+    and no host copy of the whole model is made first."""
+    flat = source.flat[start:stop]
     if flat.device.type != "cpu":
         flat = flat.to(_DTYPES[source.dtype][0]).cpu()
     return source._replace(flat=flat.contiguous())
@@ -794,46 +905,106 @@ def _elements(data: np.ndarray, itemsize: int) -> np.ndarray:
 def _encode_tensor(
     previous: np.ndarray, source: _Source, level: int, *, in_place: bool = False
 ) -> _Encoded:
+    """``_TensorEncoding`` of one tensor on the calling thread, its pieces in order."""
+    tensor = _TensorEncoding(previous, source, level, in_place=in_place)
+    try:
+        for k in range(tensor.pieces):
+            tensor.encode(k)
+        return tensor.result()
+    finally:
+        tensor.close()
+
+
+class _TensorEncoding:
     """One pass over ``source``, chunk by chunk while it is in cache: convert (or copy) it into
     bytes the snapshot owns (``previous`` itself with ``in_place``, where numpy lets it be
-    written), XOR with ``previous``, filter + zstd the chunk, hash the bytes."""
-    source = _on_host(source)
-    itemsize = _itemsize(source.dtype)
-    if previous.nbytes != source.flat.numel() * itemsize:
-        raise ValueError(f"delta of {previous.nbytes} bytes against "
-                         f"{source.flat.numel() * itemsize} bytes")
-    n, step = previous.nbytes // itemsize, _chunk_elements(itemsize)
-    if n == 0:  # an empty tensor never changes (and torch cannot re-view it)
-        return _Encoded(None, None, None)
-    # a source lying in previous's own bytes is converted into a copy
-    in_place = in_place and not np.may_share_memory(previous, source.flat.view(torch.uint8).numpy())
-    owned = previous if in_place and _make_writable(previous) else _BUFFERS.take(previous.nbytes)
-    try:
-        prev_e = _elements(previous, itemsize)  # writable when it is owned
-        digest, frames = _encode_chunks(source, prev_e, owned, level)
-    finally:
-        owned.flags.writeable = False
-    if not any(frames):
-        return _Encoded(None, None, None)
-    return _Encoded(owned, digest, _blob(n, step, frames))
+    written), XOR with ``previous``, filter + zstd the chunk, hash the bytes.
+
+    The chunks are grouped into pieces (``_piece_bounds``) that threads encode in any order and
+    at once (``encode(k)``), so that one large tensor (the embedding, a quarter of a 0.5B model)
+    is not one thread's work; ``result()`` once every piece is done, ``close()`` after (or
+    after a failure) makes the owned bytes read-only. The owned bytes are taken by the first
+    piece that runs, on its thread: a fresh buffer's pages are faulted in there."""
+
+    def __init__(self, previous: np.ndarray, source: _Source, level: int, *, in_place: bool):
+        itemsize = _itemsize(source.dtype)
+        if previous.nbytes != source.flat.numel() * itemsize:
+            raise ValueError(f"delta of {previous.nbytes} bytes against "
+                             f"{source.flat.numel() * itemsize} bytes")
+        self.previous, self.source, self.level, self.itemsize = previous, source, level, itemsize
+        self.n, self.step = previous.nbytes // itemsize, _chunk_elements(itemsize)
+        self.bounds = _piece_bounds(self.n, self.step)  # an empty tensor has no piece
+        self.frames: list[list[bytes]] = [[] for _ in range(self.pieces)]
+        self.hash = _OrderedHash(self._piece_bytes, self.pieces)
+        self._in_place = in_place
+        self._owned: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pieces(self) -> int:
+        return len(self.bounds) - 1
+
+    def cost(self, k: int) -> int:
+        return (self.bounds[k + 1] - self.bounds[k]) * self.itemsize
+
+    def encode(self, k: int) -> None:  # on an encoding thread
+        """Piece ``k``: its chunks' frames into ``frames[k]``, its new bytes into the owned."""
+        owned = self.owned()
+        start, stop = self.bounds[k], self.bounds[k + 1]
+        prev_e = _elements(self.previous, self.itemsize)[start:stop]  # writable when owned
+        source = _on_host(self.source, start, stop)
+        hashing = self.hash.claim(k)
+        self.frames[k] = _encode_chunks(source, prev_e, owned[start * self.itemsize:
+                                                              stop * self.itemsize],
+                                        self.level, self.hash if hashing else None)
+        self.hash.finished(k, hashed=hashing)
+
+    def owned(self) -> np.ndarray:
+        """The bytes the new snapshot's tensor will own (``previous``'s in place)."""
+        with self._lock:
+            if self._owned is None:
+                source = self.source.flat
+                # a source lying in previous's own bytes is converted into a copy
+                in_place = self._in_place and not (source.device.type == "cpu" and
+                                                   np.may_share_memory(
+                                                       self.previous,
+                                                       source.view(torch.uint8).numpy()))
+                self._owned = (self.previous if in_place and _make_writable(self.previous)
+                               else _BUFFERS.take(self.previous.nbytes))
+            return self._owned
+
+    def result(self) -> _Encoded:
+        """The encoded tensor (every piece done); unchanged: ``_Encoded(None, None, None)``."""
+        frames = [frame for piece in self.frames for frame in piece]
+        if not any(frames):
+            return _Encoded(None, None, None)
+        return _Encoded(self._owned, self.hash.hexdigest(), _blob(self.n, self.step, frames))
+
+    def close(self) -> None:
+        if self._owned is not None:
+            self._owned.flags.writeable = False
+
+    def _piece_bytes(self, k: int) -> np.ndarray:
+        assert self._owned is not None
+        return self._owned[self.bounds[k] * self.itemsize: self.bounds[k + 1] * self.itemsize]
 
 
 def _encode_chunks(
-    source: _Source, prev_e: np.ndarray, owned: np.ndarray, level: int
-) -> tuple[str, list[bytes]]:
-    """Write the new bytes to ``owned`` (which may be ``prev_e``'s own) chunk by chunk; the
-    checksum of the new bytes and each chunk's frame (empty: unchanged)."""
+    source: _Source, prev_e: np.ndarray, owned: np.ndarray, level: int, hasher: _OrderedHash | None
+) -> list[bytes]:
+    """Write the new bytes to ``owned`` (which may be ``prev_e``'s own) chunk by chunk, and
+    hash each (``hasher``) while it is in cache; each chunk's frame (empty: unchanged)."""
     itemsize, n, step = prev_e.itemsize, prev_e.size, _chunk_elements(prev_e.itemsize)
     owned_e = owned.view(prev_e.dtype)
     chunk = _fused_chunk_encoder(source, prev_e, owned_e, level) or _ChunkEncoder(
         source, prev_e, owned, level)
-    hasher = xxhash.xxh3_128()
     frames = []
     for start in range(0, n, step):
         stop = min(n, start + step)
         frames.append(chunk(start, stop))
-        hasher.update(_buffer(owned[start * itemsize : stop * itemsize]))
-    return hasher.hexdigest(), frames
+        if hasher is not None:
+            hasher.update(owned[start * itemsize : stop * itemsize])
+    return frames
 
 
 def _blob(n: int, step: int, frames: list[bytes]) -> bytes:
@@ -1165,43 +1336,115 @@ def _blob_frames(blob: memoryview, n: int, itemsize: int) -> list[tuple[int, int
 def _decode_tensor(
     blob: bytes | np.ndarray, previous: np.ndarray, itemsize: int, *, out: np.ndarray
 ) -> str:
-    """XOR ``blob``'s chunks onto ``previous``'s bytes, writing the result to ``out``
-    (``previous`` itself: in place), and return its checksum, hashed chunk by chunk while it is
-    in cache.
-
-    A bad chunk raises ``ChecksumError`` before it is written; in place, the chunks before it
-    are then turned back first (``HeldBytesLostError`` if that fails too)."""
-    prev_e = _elements(previous, itemsize)
-    size = min(prev_e.size, _chunk_elements(itemsize))
-    work = out.view(prev_e.dtype)
-    decompressor = zstandard.ZstdDecompressor()
-    hasher = xxhash.xxh3_128()
-    scratch = np.empty(size * itemsize, np.uint8)
-    frames = _blob_frames(_buffer(blob), prev_e.size, itemsize)
+    """``_TensorDecoding`` of one tensor on the calling thread, its pieces in order; the
+    checksum of the result. In place, a failure turns back the pieces before it first
+    (``HeldBytesLostError`` if that fails too)."""
+    tensor = _TensorDecoding(blob, previous, itemsize, out=out)
     done = 0
     try:
-        for start, stop, frame in frames:
-            target = work[start:stop]
-            source = None if out is previous else prev_e[start:stop]
-            if len(frame):
-                _xor_chunk(frame, target, itemsize, decompressor, scratch, source)
-            elif source is not None:
-                np.copyto(target, source)
+        for k in range(tensor.pieces):
+            tensor.decode(k)
             done += 1
-            hasher.update(_buffer(target))
     except BaseException as exc:
-        if out is previous and done:
-            try:  # the same chunks again: XOR is its own inverse
-                for start, stop, frame in frames[:done]:
-                    if len(frame):
-                        _xor_chunk(frame, work[start:stop], itemsize, decompressor, scratch)
+        if tensor.in_place and done:
+            try:
+                for k in range(done):
+                    tensor.undo(k)
             except BaseException as undo_exc:
-                raise HeldBytesLostError(
-                    f"a chunk failed ({exc}) and the chunks before it could not be turned "
-                    f"back ({type(undo_exc).__name__}: {undo_exc}); the held bytes are lost"
-                ) from undo_exc
+                raise _bytes_lost(exc, undo_exc) from undo_exc
         raise
-    return hasher.hexdigest()
+    return tensor.hash.hexdigest()
+
+
+class _TensorDecoding:
+    """XOR a delta blob's chunks onto ``previous``'s bytes, writing the result to ``out``
+    (``previous`` itself: in place; None: a buffer taken by the first piece that runs, on its
+    thread), and hash it chunk by chunk while it is in cache.
+
+    The chunks are grouped into pieces (``_piece_bounds``) that threads decode in any order
+    and at once (``decode(k)``); ``hash.hexdigest()`` once every piece is done. A bad chunk
+    raises ``ChecksumError`` before it is written; in place, the chunks of its piece before it
+    are turned back first (``HeldBytesLostError`` if that fails too), and ``undo(k)`` turns back
+    a piece that was decoded whole. The frame table is checked on construction."""
+
+    def __init__(self, blob: bytes | np.ndarray, previous: np.ndarray, itemsize: int, *,
+                 out: np.ndarray | None):
+        self.prev_e = _elements(previous, itemsize)
+        self.itemsize, self.in_place = itemsize, out is previous
+        self.frames = _blob_frames(_buffer(blob), self.prev_e.size, itemsize)
+        step = self.frames[0][1] - self.frames[0][0] if self.frames else 1
+        self.bounds = [-(-i // step) for i in _piece_bounds(self.prev_e.size, step)]  # chunks
+        self.hash = _OrderedHash(self._piece_bytes, self.pieces)
+        self._out = out
+        self._lock = threading.Lock()
+
+    @property
+    def pieces(self) -> int:
+        return len(self.bounds) - 1
+
+    def cost(self, k: int) -> int:
+        return (self._elements(k).stop - self._elements(k).start) * self.itemsize
+
+    def out(self) -> np.ndarray:
+        """The array the new bytes are written to."""
+        with self._lock:
+            if self._out is None:
+                self._out = _BUFFERS.take(self.prev_e.nbytes)
+            return self._out
+
+    def decode(self, k: int) -> None:  # on a decoding thread
+        work = self.out().view(self.prev_e.dtype)
+        frames = self.frames[self.bounds[k]:self.bounds[k + 1]]
+        decompressor = zstandard.ZstdDecompressor()
+        scratch = np.empty((frames[0][1] - frames[0][0]) * self.itemsize, np.uint8)
+        hashing = self.hash.claim(k)
+        done = 0
+        try:
+            for start, stop, frame in frames:
+                target = work[start:stop]
+                source = None if self.in_place else self.prev_e[start:stop]
+                if len(frame):
+                    _xor_chunk(frame, target, self.itemsize, decompressor, scratch, source)
+                elif source is not None:
+                    np.copyto(target, source)
+                done += 1
+                if hashing:
+                    self.hash.update(target)
+        except BaseException as exc:
+            if self.in_place and done:
+                try:  # the same chunks again: XOR is its own inverse
+                    self._xor_again(frames[:done], decompressor, scratch)
+                except BaseException as undo_exc:
+                    raise _bytes_lost(exc, undo_exc) from undo_exc
+            raise
+        self.hash.finished(k, hashed=hashing)
+
+    def undo(self, k: int) -> None:
+        """Turn back piece ``k``, decoded in place."""
+        frames = self.frames[self.bounds[k]:self.bounds[k + 1]]
+        scratch = np.empty((frames[0][1] - frames[0][0]) * self.itemsize, np.uint8)
+        self._xor_again(frames, zstandard.ZstdDecompressor(), scratch)
+
+    def _xor_again(self, frames: Sequence[tuple[int, int, memoryview]],
+                   decompressor: zstandard.ZstdDecompressor, scratch: np.ndarray) -> None:
+        work = self.prev_e
+        for start, stop, frame in frames:
+            if len(frame):
+                _xor_chunk(frame, work[start:stop], self.itemsize, decompressor, scratch)
+
+    def _elements(self, k: int) -> slice:
+        first, last = self.frames[self.bounds[k]], self.frames[self.bounds[k + 1] - 1]
+        return slice(first[0], last[1])
+
+    def _piece_bytes(self, k: int) -> np.ndarray:
+        at = self._elements(k)
+        return self.out()[at.start * self.itemsize: at.stop * self.itemsize]
+
+
+def _bytes_lost(exc: BaseException, undo_exc: BaseException) -> HeldBytesLostError:
+    return HeldBytesLostError(
+        f"a chunk failed ({exc}) and the chunks before it could not be turned back "
+        f"({type(undo_exc).__name__}: {undo_exc}); the held bytes are lost")
 
 
 def _xor_chunk(
@@ -1522,48 +1765,36 @@ def _load_delta(
     without it ``current`` is not touched."""
     changed, blobs = _read_delta(path, manifest, current, workers)
     assert current is not None
-    turned: list[TensorEntry] = []  # decoded in place, whole (list.append is thread-safe)
-
-    def decode(entry: TensorEntry) -> tuple[np.ndarray, str]:  # on a decoding thread
-        held, itemsize = current.tensors[entry.name].data, _itemsize(entry.dtype)
-        if not (in_place and _make_writable(held)):
-            out = _BUFFERS.take(held.nbytes)
-            return out, _decode_tensor(blobs[entry.name], held, itemsize, out=out)
-        digest = _decode_in_place(blobs[entry.name], held, itemsize)
-        turned.append(entry)
-        return held, digest
-
+    held = [current.tensors[e.name].data for e in changed]
+    writable = [data for data in held if in_place and _make_writable(data)]
+    turned: list[tuple[_TensorDecoding, int]] = []  # pieces decoded in place, whole
     try:
-        results = _parallel_map(decode, changed, workers,
-                                cost=lambda e: current.tensors[e.name].data.nbytes)
-        _raise_if_mismatched(path, changed, [digest for _, digest in results])
-    except BaseException:
-        _turn_back(current, turned, blobs, workers)
-        raise
-    return _delta_snapshot(path, manifest, current,
-                           {e.name: out for e, (out, _) in zip(changed, results, strict=True)})
-
-
-def _decode_in_place(blob: np.ndarray, held: np.ndarray, itemsize: int) -> str:
-    """``_decode_tensor`` over ``held`` itself (an array numpy lets be written); read-only
-    again after."""
-    held.flags.writeable = True
-    try:
-        return _decode_tensor(blob, held, itemsize, out=held)
+        ids = {id(data) for data in writable}
+        tensors = [_TensorDecoding(blobs[e.name], data, _itemsize(e.dtype),
+                                   out=data if id(data) in ids else None)
+                   for e, data in zip(changed, held, strict=True)]
+        try:
+            _each_piece(tensors, _TensorDecoding.decode, workers, done=lambda i: None,
+                        ran=lambda tensor, k: turned.append((tensor, k)) if tensor.in_place
+                        else None)
+            _raise_if_mismatched(path, changed, [t.hash.hexdigest() for t in tensors])
+        except BaseException:
+            _turn_back(current, turned, workers)
+            raise
     finally:
-        held.flags.writeable = False
+        for data in writable:
+            data.flags.writeable = False
+    return _delta_snapshot(path, manifest, current,
+                           {e.name: t.out() for e, t in zip(changed, tensors, strict=True)})
 
 
 def _turn_back(
-    current: HostSnapshot, entries: Sequence[TensorEntry], blobs: Mapping[str, np.ndarray],
-    workers: int | None,
+    current: HostSnapshot, pieces: Sequence[tuple[_TensorDecoding, int]], workers: int | None
 ) -> None:
-    """Undo the in-place decode of ``entries`` (their blobs applied again)."""
+    """Undo the in-place decode of ``pieces`` (their chunks applied again)."""
     try:
-        _parallel_map(
-            lambda e: _decode_in_place(blobs[e.name], current.tensors[e.name].data,
-                                       _itemsize(e.dtype)),
-            entries, workers, cost=lambda e: current.tensors[e.name].data.nbytes)
+        _parallel_map(lambda piece: piece[0].undo(piece[1]), pieces, workers,
+                      cost=lambda piece: piece[0].cost(piece[1]))
     except BaseException as exc:
         raise HeldBytesLostError(
             f"a rejected delta could not be turned back ({type(exc).__name__}: {exc}); the "
