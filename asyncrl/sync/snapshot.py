@@ -786,16 +786,17 @@ def _each_piece(
 
 
 class _OrderedHash:
-    """XXH3-128 of a tensor's bytes, written piece by piece (consecutive ranges) by threads in
-    any order. The thread writing the piece the hash has reached hashes its chunks as it writes
-    them, while they are in cache (``claim``, ``update``); a piece finished before those ahead
-    of it is hashed later, from memory, by the thread that finishes the last piece before it
-    (``finished``). ``piece_bytes(k)``: the bytes of piece ``k``."""
+    """XXH3-128 of a tensor's bytes, written piece by piece by threads in any order; piece
+    ``k`` is bytes ``bounds[k]:bounds[k + 1]``. The thread writing the piece the hash has
+    reached hashes its chunks as it writes them, while they are in cache (``claim``,
+    ``update``); a piece finished before those ahead of it is hashed later, from memory, by the
+    thread that finishes the last piece before it (``finished``). It holds no reference to the
+    bytes (a tensor's encoding holds this: no cycle keeps a model's buffers alive)."""
 
-    def __init__(self, piece_bytes: Callable[[int], np.ndarray], pieces: int) -> None:
-        self._piece_bytes = piece_bytes
+    def __init__(self, bounds: Sequence[int]) -> None:
+        self._bounds = bounds
         self._hasher = xxhash.xxh3_128()
-        self._finished = [False] * pieces
+        self._finished = [False] * (len(bounds) - 1)
         self._next = 0  # the first piece not hashed yet
         self._busy = False  # a thread is hashing (piece _next)
         self._lock = threading.Lock()
@@ -812,8 +813,9 @@ class _OrderedHash:
     def update(self, data: np.ndarray) -> None:
         self._hasher.update(_buffer(data))
 
-    def finished(self, k: int, *, hashed: bool) -> None:
-        """Piece ``k`` is written (and hashed, if claimed): hash what can be hashed now."""
+    def finished(self, k: int, data: np.ndarray, *, hashed: bool) -> None:
+        """Piece ``k`` of ``data`` (the tensor's bytes, flat) is written (and hashed, if
+        claimed): hash what can be hashed now."""
         with self._lock:
             self._finished[k] = True
             if hashed:
@@ -824,7 +826,7 @@ class _OrderedHash:
                         self._next]:
                     return
                 k, self._busy = self._next, True
-            self._hasher.update(_buffer(self._piece_bytes(k)))
+            self._hasher.update(_buffer(data[self._bounds[k]:self._bounds[k + 1]]))
             with self._lock:
                 self._next, self._busy = k + 1, False
 
@@ -935,7 +937,7 @@ class _TensorEncoding:
         self.n, self.step = previous.nbytes // itemsize, _chunk_elements(itemsize)
         self.bounds = _piece_bounds(self.n, self.step)  # an empty tensor has no piece
         self.frames: list[list[bytes]] = [[] for _ in range(self.pieces)]
-        self.hash = _OrderedHash(self._piece_bytes, self.pieces)
+        self.hash = _OrderedHash([i * itemsize for i in self.bounds])
         self._in_place = in_place
         self._owned: np.ndarray | None = None
         self._lock = threading.Lock()
@@ -957,7 +959,7 @@ class _TensorEncoding:
         self.frames[k] = _encode_chunks(source, prev_e, owned[start * self.itemsize:
                                                               stop * self.itemsize],
                                         self.level, self.hash if hashing else None)
-        self.hash.finished(k, hashed=hashing)
+        self.hash.finished(k, owned, hashed=hashing)
 
     def owned(self) -> np.ndarray:
         """The bytes the new snapshot's tensor will own (``previous``'s in place)."""
@@ -983,10 +985,6 @@ class _TensorEncoding:
     def close(self) -> None:
         if self._owned is not None:
             self._owned.flags.writeable = False
-
-    def _piece_bytes(self, k: int) -> np.ndarray:
-        assert self._owned is not None
-        return self._owned[self.bounds[k] * self.itemsize: self.bounds[k + 1] * self.itemsize]
 
 
 def _encode_chunks(
@@ -1374,7 +1372,8 @@ class _TensorDecoding:
         self.frames = _blob_frames(_buffer(blob), self.prev_e.size, itemsize)
         step = self.frames[0][1] - self.frames[0][0] if self.frames else 1
         self.bounds = [-(-i // step) for i in _piece_bounds(self.prev_e.size, step)]  # chunks
-        self.hash = _OrderedHash(self._piece_bytes, self.pieces)
+        self.hash = _OrderedHash([self._elements(k).start * itemsize for k in range(self.pieces)]
+                                 + [self.prev_e.nbytes])
         self._out = out
         self._lock = threading.Lock()
 
@@ -1393,7 +1392,8 @@ class _TensorDecoding:
             return self._out
 
     def decode(self, k: int) -> None:  # on a decoding thread
-        work = self.out().view(self.prev_e.dtype)
+        out = self.out()
+        work = out.view(self.prev_e.dtype)
         frames = self.frames[self.bounds[k]:self.bounds[k + 1]]
         decompressor = zstandard.ZstdDecompressor()
         scratch = np.empty((frames[0][1] - frames[0][0]) * self.itemsize, np.uint8)
@@ -1417,7 +1417,7 @@ class _TensorDecoding:
                 except BaseException as undo_exc:
                     raise _bytes_lost(exc, undo_exc) from undo_exc
             raise
-        self.hash.finished(k, hashed=hashing)
+        self.hash.finished(k, out, hashed=hashing)
 
     def undo(self, k: int) -> None:
         """Turn back piece ``k``, decoded in place."""
@@ -1435,10 +1435,6 @@ class _TensorDecoding:
     def _elements(self, k: int) -> slice:
         first, last = self.frames[self.bounds[k]], self.frames[self.bounds[k + 1] - 1]
         return slice(first[0], last[1])
-
-    def _piece_bytes(self, k: int) -> np.ndarray:
-        at = self._elements(k)
-        return self.out()[at.start * self.itemsize: at.stop * self.itemsize]
 
 
 def _bytes_lost(exc: BaseException, undo_exc: BaseException) -> HeldBytesLostError:
