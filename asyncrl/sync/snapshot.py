@@ -1370,10 +1370,9 @@ class _TensorDecoding:
         self.prev_e = _elements(previous, itemsize)
         self.itemsize, self.in_place = itemsize, out is previous
         self.frames = _blob_frames(_buffer(blob), self.prev_e.size, itemsize)
-        step = self.frames[0][1] - self.frames[0][0] if self.frames else 1
-        self.bounds = [-(-i // step) for i in _piece_bounds(self.prev_e.size, step)]  # chunks
-        self.hash = _OrderedHash([self._elements(k).start * itemsize for k in range(self.pieces)]
-                                 + [self.prev_e.nbytes])
+        self._step = self.frames[0][1] - self.frames[0][0] if self.frames else 1
+        self.bounds = _piece_bounds(self.prev_e.size, self._step)  # elements
+        self.hash = _OrderedHash([i * itemsize for i in self.bounds])
         self._out = out
         self._lock = threading.Lock()
 
@@ -1382,7 +1381,7 @@ class _TensorDecoding:
         return len(self.bounds) - 1
 
     def cost(self, k: int) -> int:
-        return (self._elements(k).stop - self._elements(k).start) * self.itemsize
+        return (self.bounds[k + 1] - self.bounds[k]) * self.itemsize
 
     def out(self) -> np.ndarray:
         """The array the new bytes are written to."""
@@ -1394,9 +1393,8 @@ class _TensorDecoding:
     def decode(self, k: int) -> None:  # on a decoding thread
         out = self.out()
         work = out.view(self.prev_e.dtype)
-        frames = self.frames[self.bounds[k]:self.bounds[k + 1]]
+        frames, scratch = self._frames(k), self._scratch()
         decompressor = zstandard.ZstdDecompressor()
-        scratch = np.empty((frames[0][1] - frames[0][0]) * self.itemsize, np.uint8)
         hashing = self.hash.claim(k)
         done = 0
         try:
@@ -1421,9 +1419,7 @@ class _TensorDecoding:
 
     def undo(self, k: int) -> None:
         """Turn back piece ``k``, decoded in place."""
-        frames = self.frames[self.bounds[k]:self.bounds[k + 1]]
-        scratch = np.empty((frames[0][1] - frames[0][0]) * self.itemsize, np.uint8)
-        self._xor_again(frames, zstandard.ZstdDecompressor(), scratch)
+        self._xor_again(self._frames(k), zstandard.ZstdDecompressor(), self._scratch())
 
     def _xor_again(self, frames: Sequence[tuple[int, int, memoryview]],
                    decompressor: zstandard.ZstdDecompressor, scratch: np.ndarray) -> None:
@@ -1432,9 +1428,12 @@ class _TensorDecoding:
             if len(frame):
                 _xor_chunk(frame, work[start:stop], self.itemsize, decompressor, scratch)
 
-    def _elements(self, k: int) -> slice:
-        first, last = self.frames[self.bounds[k]], self.frames[self.bounds[k + 1] - 1]
-        return slice(first[0], last[1])
+    def _frames(self, k: int) -> list[tuple[int, int, memoryview]]:
+        """(start, stop, frame) of the chunks of piece ``k``."""
+        return self.frames[self.bounds[k] // self._step: -(-self.bounds[k + 1] // self._step)]
+
+    def _scratch(self) -> np.ndarray:
+        return np.empty(min(self._step, self.prev_e.size) * self.itemsize, np.uint8)
 
 
 def _bytes_lost(exc: BaseException, undo_exc: BaseException) -> HeldBytesLostError:
@@ -1762,13 +1761,13 @@ def _load_delta(
     changed, blobs = _read_delta(path, manifest, current, workers)
     assert current is not None
     held = [current.tensors[e.name].data for e in changed]
-    writable = [data for data in held if in_place and _make_writable(data)]
+    places = [in_place and _make_writable(data) for data in held]  # else into a new buffer
+    writable = [data for data, place in zip(held, places, strict=True) if place]
     turned: list[tuple[_TensorDecoding, int]] = []  # pieces decoded in place, whole
     try:
-        ids = {id(data) for data in writable}
         tensors = [_TensorDecoding(blobs[e.name], data, _itemsize(e.dtype),
-                                   out=data if id(data) in ids else None)
-                   for e, data in zip(changed, held, strict=True)]
+                                   out=data if place else None)
+                   for e, data, place in zip(changed, held, places, strict=True)]
         try:
             _each_piece(tensors, _TensorDecoding.decode, workers, done=lambda i: None,
                         ran=lambda tensor, k: turned.append((tensor, k)) if tensor.in_place
