@@ -99,7 +99,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -741,16 +741,25 @@ def _piece_bounds(n: int, step: int) -> list[int]:
     return [*range(0, n, per_piece), n] if n else [0]
 
 
-class _Pieces(Protocol):
-    """A tensor's work cut into pieces (``_TensorEncoding``, ``_TensorDecoding``)."""
+class _PieceWork:
+    """A tensor of ``n`` elements of ``itemsize`` bytes cut into pieces of whole chunks of
+    ``step`` elements (``bounds``, from ``_piece_bounds``) that threads work on in any order,
+    and the ordered hash of its bytes (``_TensorEncoding``, ``_TensorDecoding``)."""
+
+    def __init__(self, n: int, step: int, itemsize: int) -> None:
+        self.itemsize = itemsize
+        self.bounds = _piece_bounds(n, step)  # an empty tensor has no piece
+        self.hash = _OrderedHash([i * itemsize for i in self.bounds])
 
     @property
-    def pieces(self) -> int: ...
+    def pieces(self) -> int:
+        return len(self.bounds) - 1
 
-    def cost(self, k: int) -> int: ...
+    def cost(self, k: int) -> int:
+        return (self.bounds[k + 1] - self.bounds[k]) * self.itemsize
 
 
-_P = TypeVar("_P", bound=_Pieces)
+_P = TypeVar("_P", bound=_PieceWork)
 
 
 def _each_piece(
@@ -917,7 +926,7 @@ def _encode_tensor(
         tensor.close()
 
 
-class _TensorEncoding:
+class _TensorEncoding(_PieceWork):
     """One pass over ``source``, chunk by chunk while it is in cache: convert (or copy) it into
     bytes the snapshot owns (``previous`` itself with ``in_place``, where numpy lets it be
     written), XOR with ``previous``, filter + zstd the chunk, hash the bytes.
@@ -933,21 +942,13 @@ class _TensorEncoding:
         if previous.nbytes != source.flat.numel() * itemsize:
             raise ValueError(f"delta of {previous.nbytes} bytes against "
                              f"{source.flat.numel() * itemsize} bytes")
-        self.previous, self.source, self.level, self.itemsize = previous, source, level, itemsize
+        self.previous, self.source, self.level = previous, source, level
         self.n, self.step = previous.nbytes // itemsize, _chunk_elements(itemsize)
-        self.bounds = _piece_bounds(self.n, self.step)  # an empty tensor has no piece
+        super().__init__(self.n, self.step, itemsize)
         self.frames: list[list[bytes]] = [[] for _ in range(self.pieces)]
-        self.hash = _OrderedHash([i * itemsize for i in self.bounds])
         self._in_place = in_place
         self._owned: np.ndarray | None = None
         self._lock = threading.Lock()
-
-    @property
-    def pieces(self) -> int:
-        return len(self.bounds) - 1
-
-    def cost(self, k: int) -> int:
-        return (self.bounds[k + 1] - self.bounds[k]) * self.itemsize
 
     def encode(self, k: int) -> None:  # on an encoding thread
         """Piece ``k``: its chunks' frames into ``frames[k]``, its new bytes into the owned."""
@@ -1354,7 +1355,7 @@ def _decode_tensor(
     return tensor.hash.hexdigest()
 
 
-class _TensorDecoding:
+class _TensorDecoding(_PieceWork):
     """XOR a delta blob's chunks onto ``previous``'s bytes, writing the result to ``out``
     (``previous`` itself: in place; None: a buffer taken by the first piece that runs, on its
     thread), and hash it chunk by chunk while it is in cache.
@@ -1368,20 +1369,12 @@ class _TensorDecoding:
     def __init__(self, blob: bytes | np.ndarray, previous: np.ndarray, itemsize: int, *,
                  out: np.ndarray | None):
         self.prev_e = _elements(previous, itemsize)
-        self.itemsize, self.in_place = itemsize, out is previous
+        self.in_place = out is previous
         self.frames = _blob_frames(_buffer(blob), self.prev_e.size, itemsize)
         self._step = self.frames[0][1] - self.frames[0][0] if self.frames else 1
-        self.bounds = _piece_bounds(self.prev_e.size, self._step)  # elements
-        self.hash = _OrderedHash([i * itemsize for i in self.bounds])
+        super().__init__(self.prev_e.size, self._step, itemsize)
         self._out = out
         self._lock = threading.Lock()
-
-    @property
-    def pieces(self) -> int:
-        return len(self.bounds) - 1
-
-    def cost(self, k: int) -> int:
-        return (self.bounds[k + 1] - self.bounds[k]) * self.itemsize
 
     def out(self) -> np.ndarray:
         """The array the new bytes are written to."""
